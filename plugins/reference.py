@@ -1,0 +1,113 @@
+"""Pure-torch references for the paged-KV ops (the contract every Triton kernel must meet).
+
+KV layout (DESIGN.md "The KV substrate"): one pool of pages shared by every layer,
+`kv_pool[slot] = [2, P, head_dim]` (0 = K, 1 = V) holding P tokens of ONE (layer, kv_head).
+A request's pages for one kv_head form a row of a CSR structure:
+    row r = b * num_kv_heads + h            (b = request in the batch, h = kv head)
+    kv_slots[kv_indptr[r] : kv_indptr[r + 1]]  pool slots in token order
+    kv_last_page_len[r]                       valid tokens in the row's LAST page (1..P);
+                                              every other listed page is full.
+Dense attention lists all of a request's pages; sparse attention lists the selected ones with
+the partial tail page last. All math runs in float32; outputs take q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def append_kv_ref(
+    kv_pool: torch.Tensor,  # [S, 2, P, D]
+    k: torch.Tensor,  # [T, KV, D]
+    v: torch.Tensor,  # [T, KV, D]
+    slots: torch.Tensor,  # [T, KV] int32: pool slot of the page holding token t for kv head h
+    offsets: torch.Tensor,  # [T] int32: token position within its page (position % P)
+) -> None:
+    """Write new tokens' K/V into their pages (in place)."""
+    slots_l = slots.long()
+    offs = offsets.long()[:, None].expand_as(slots_l)
+    kv_pool[slots_l, 0, offs] = k.to(kv_pool.dtype)
+    kv_pool[slots_l, 1, offs] = v.to(kv_pool.dtype)
+
+
+def _gather_rows(
+    kv_pool: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_slots: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    rows: torch.Tensor,  # [R] int64 row ids to gather
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad the rows' pages to the longest: K, V [R, N*P, D] float32 and a valid mask [R, N*P]."""
+    P, D = kv_pool.shape[2], kv_pool.shape[3]
+    indptr = kv_indptr.long()
+    starts, ends = indptr[rows], indptr[rows + 1]
+    num_pages = ends - starts  # [R]
+    max_pages = int(num_pages.max()) if rows.numel() else 0
+    page_idx = torch.arange(max_pages, device=kv_pool.device)
+    has_page = page_idx[None, :] < num_pages[:, None]  # [R, N]
+    flat = (starts[:, None] + page_idx[None, :]).clamp(max=max(kv_slots.numel() - 1, 0))
+    slot = torch.where(has_page, kv_slots.long()[flat], torch.zeros_like(flat))
+    pages = kv_pool[slot].float()  # [R, N, 2, P, D]
+    num_tokens = (num_pages - 1) * P + kv_last_page_len.long()[rows]  # [R]
+    valid = torch.arange(max_pages * P, device=kv_pool.device)[None, :] < num_tokens[:, None]
+    k = pages[:, :, 0].reshape(len(rows), max_pages * P, D)
+    v = pages[:, :, 1].reshape(len(rows), max_pages * P, D)
+    return k, v, valid
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [B, Hq, D]
+    kv_pool: torch.Tensor,  # [S, 2, P, D]
+    kv_indptr: torch.Tensor,  # [B * KV + 1] int32
+    kv_slots: torch.Tensor,  # [nnz] int32
+    kv_last_page_len: torch.Tensor,  # [B * KV] int32
+    sm_scale: float,
+) -> torch.Tensor:  # [B, Hq, D], q.dtype
+    """One query token per request attends to every token its rows list (no mask needed)."""
+    B, Hq, D = q.shape
+    num_kv_heads = (kv_indptr.numel() - 1) // B
+    group = Hq // num_kv_heads
+    rows = torch.arange(B * num_kv_heads, device=q.device)
+    k, v, valid = _gather_rows(kv_pool, kv_indptr, kv_slots, kv_last_page_len, rows)
+    qg = q.float().reshape(B * num_kv_heads, group, D)  # rows match (b, h) order
+    scores = torch.einsum("rgd,rnd->rgn", qg, k) * sm_scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    out = torch.einsum("rgn,rnd->rgd", scores.softmax(-1), v)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,  # [T, Hq, D]: the chunk tokens of B requests, concatenated
+    kv_pool: torch.Tensor,  # [S, 2, P, D]: the chunk's own K/V already appended
+    qo_indptr: torch.Tensor,  # [B + 1] int32: request b's queries are q[qo_indptr[b]:qo_indptr[b+1]]
+    kv_indptr: torch.Tensor,  # [B * KV + 1] int32
+    kv_slots: torch.Tensor,  # [nnz] int32
+    kv_last_page_len: torch.Tensor,  # [B * KV] int32
+    sm_scale: float,
+) -> torch.Tensor:  # [T, Hq, D], q.dtype
+    """Causal attention of a chunk to its request's pages: query i of request b sits at position
+    kv_len(b) - q_len(b) + i and sees tokens at positions <= its own."""
+    T, Hq, D = q.shape
+    B = qo_indptr.numel() - 1
+    num_kv_heads = (kv_indptr.numel() - 1) // B
+    group = Hq // num_kv_heads
+    P = kv_pool.shape[2]
+    out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    qo = qo_indptr.tolist()
+    for b in range(B):
+        q_len = qo[b + 1] - qo[b]
+        if q_len == 0:
+            continue
+        rows = torch.arange(b * num_kv_heads, (b + 1) * num_kv_heads, device=q.device)
+        k, v, valid = _gather_rows(kv_pool, kv_indptr, kv_slots, kv_last_page_len, rows)
+        num_pages = (kv_indptr[rows + 1] - kv_indptr[rows]).long()
+        kv_len = (num_pages - 1) * P + kv_last_page_len[rows].long()  # [KV]
+        q_pos = (kv_len[:, None] - q_len) + torch.arange(q_len, device=q.device)[None, :]
+        k_pos = torch.arange(k.shape[1], device=q.device)
+        mask = valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None])  # [KV, q_len, N]
+        qb = q[qo[b] : qo[b + 1]].float().reshape(q_len, num_kv_heads, group, D)
+        scores = torch.einsum("tkgd,knd->ktgn", qb, k) * sm_scale
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        ob = torch.einsum("ktgn,knd->tkgd", scores.softmax(-1), v)
+        out[qo[b] : qo[b + 1]] = ob.reshape(q_len, Hq, D).to(q.dtype)
+    return out
