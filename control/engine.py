@@ -1,0 +1,264 @@
+"""LLMEngine: tokenizer + scheduler + KV manager + model runner, stepped by its owner.
+
+One step: schedule -> one prefill forward (chunks of several requests) -> one decode forward
+(one token per running request) -> sample -> stop checks -> outputs. The engine is not
+thread-safe: exactly one thread (the CLI, or the server's engine loop) calls it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from spinserve.configs.settings import DType, Settings, load_settings, resolve_device
+from spinserve.engines.errors import EngineError
+from spinserve.engines.loader import load_tokenizer, load_weights
+from spinserve.engines.manifest import Manifest, read_manifest
+from spinserve.runtime.batch import ForwardMode
+from spinserve.runtime.model_runner import ModelRunner, kv_bytes_per_slot
+from spinserve.runtime.sampling import SamplerState, SamplingParams, sample
+
+from .kv_manager import BatchItem, PagedKVManager
+from .request import FinishReason, Request, RequestStatus
+from .scheduler import Scheduler
+
+_DTYPES = {
+    DType.FLOAT32: torch.float32,
+    DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT16: torch.float16,
+}
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (too long, duplicate id, bad parameters)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    output_text: str | None = None  # full text once finished (stop strings cut off)
+    num_prompt_tokens: int = 0
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+
+
+def _num_slots(manifest: Manifest, settings: Settings, device: str, dtype, page_size: int) -> int:
+    cfg = manifest.model
+    slot_bytes = kv_bytes_per_slot(cfg, page_size, dtype)
+    per_page = cfg.num_layers * cfg.num_kv_heads
+    if settings.cache.kv_cache_tokens is not None:
+        return -(-settings.cache.kv_cache_tokens // page_size) * per_page + 1
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        budget = free * settings.cache.kv_memory_fraction
+    else:
+        budget = settings.cache.cpu_kv_memory_gib * 2**30
+    return max(int(budget // (slot_bytes * per_page)), 2) * per_page + 1
+
+
+class LLMEngine:
+    def __init__(self, engine_dir: Path, settings: Settings | None = None) -> None:
+        self.settings = settings = settings or load_settings()
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest = read_manifest(self.engine_dir)
+        self.model_config = cfg = manifest.model
+        self.device = resolve_device(settings.engine.device)
+        dtype = settings.engine.dtype
+        if dtype is DType.AUTO:
+            dtype = DType.BFLOAT16 if self.device == "cuda" else DType.FLOAT32
+        self.dtype = _DTYPES[dtype]
+        self.page_size = settings.cache.page_size or manifest.page_size
+        self.max_context = min(manifest.max_context, settings.engine.max_context or 1 << 62)
+        self.tokenizer = load_tokenizer(self.engine_dir)
+        weights = load_weights(self.engine_dir, manifest, self.device, self.dtype)
+        num_slots = _num_slots(manifest, settings, self.device, self.dtype, self.page_size)
+        self.runner = ModelRunner(cfg, weights, self.page_size, num_slots)
+        self.kv = PagedKVManager(cfg.num_layers, cfg.num_kv_heads, self.page_size, num_slots)
+        self.scheduler = Scheduler(settings.engine, self.kv)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._requests: dict[str, Request] = {}
+        self._arrival = itertools.count()
+
+    @classmethod
+    def from_engine_dir(cls, path: Path, **overrides) -> LLMEngine:
+        """overrides: "section.field" settings, or the shorthands device/dtype/page_size."""
+        short = {"device": "engine.device", "dtype": "engine.dtype", "page_size": "cache.page_size"}
+        return cls(path, load_settings(**{short.get(k, k): v for k, v in overrides.items()}))
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the engine's max context of "
+                f"{self.max_context} tokens (prompt + at least one generated token): shorten it"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad[:4]} are outside the vocabulary")
+        if self.kv.pages_for(len(prompt_ids) + 1) > self.kv.capacity_pages:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens needs more KV pages than the whole pool "
+                f"holds ({self.kv.capacity_pages * self.page_size} tokens): raise "
+                "cache.kv_cache_tokens or shorten the prompt"
+            )
+        sampler = SamplerState.create(params, torch.device(self.device))
+        req = Request(request_id, list(prompt_ids), params, sampler, next(self._arrival))
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        live = {r.request_id for r in self.scheduler.running}
+        if any(not self.kv.holds(r) for r in live):
+            raise AssertionError("a running request holds no pages")
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_pages_total": self.kv.capacity_pages,
+            "kv_pages_used": self.kv.capacity_pages - self.kv.free_pages,
+        }
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        new_tokens: dict[str, int] = {}
+        if sched.prefill:
+            items = [
+                BatchItem(
+                    r.request_id,
+                    r.num_cached_tokens,
+                    r.all_ids[r.num_cached_tokens : r.num_cached_tokens + n],
+                )
+                for r, n in sched.prefill
+            ]
+            logits = self._forward(ForwardMode.PREFILL, items)
+            done = []
+            for row, (req, n) in enumerate(sched.prefill):
+                req.num_cached_tokens += n
+                if not req.in_prefill and not req.output_ids:
+                    done.append((row, req))
+            if done:
+                ids = sample(logits[[row for row, _ in done]], [r.sampler for _, r in done])
+                new_tokens.update({r.request_id: t for (_, r), t in zip(done, ids)})
+        if sched.decode:
+            items = [
+                BatchItem(r.request_id, r.num_tokens - 1, [r.all_ids[-1]]) for r in sched.decode
+            ]
+            logits = self._forward(ForwardMode.DECODE, items)
+            for req in sched.decode:
+                req.num_cached_tokens = req.num_tokens
+            ids = sample(logits, [r.sampler for r in sched.decode])
+            new_tokens.update({r.request_id: t for r, t in zip(sched.decode, ids)})
+        return [self._append(self._requests[rid], tok) for rid, tok in new_tokens.items()]
+
+    def _forward(self, mode: ForwardMode, items: list[BatchItem]) -> torch.Tensor:
+        batch = self.kv.build_batch(mode, items, self.device)
+        return self.runner.forward(batch)
+
+    def _append(self, req: Request, token: int) -> RequestOutput:
+        req.output_ids.append(token)
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            self._finish(req, reason)
+        return RequestOutput(
+            req.request_id,
+            [token],
+            reason is not None,
+            reason.value if reason else None,
+            req.output_text if reason else None,
+            len(req.prompt_ids),
+        )
+
+    def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if p.stop and self._cut_at_stop(req) is not None:
+            return FinishReason.STOP
+        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_context:
+            return FinishReason.LENGTH
+        return None
+
+    def _cut_at_stop(self, req: Request) -> str | None:
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in req.params.stop if s in text]
+        return text[: min(hits)] if hits else None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        cut = self._cut_at_stop(req) if req.params.stop else None
+        req.output_text = (
+            cut
+            if cut is not None
+            else self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        )
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        self.scheduler.remove(req)
+        del self._requests[req.request_id]
+
+    # ---- offline --------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            return list(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
+    ) -> list[GenerationOutput]:
+        params = params or SamplingParams()
+        base = next(self._arrival)
+        ids = [p if isinstance(p, list) else self.encode(p) for p in prompts]
+        rids = [f"generate-{base}-{i}" for i in range(len(ids))]
+        for rid, p in zip(rids, ids):
+            self.add_request(rid, p, params)
+        results: dict[str, RequestOutput] = {}
+        tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+        while any(rid not in results for rid in rids):
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id] += out.new_token_ids
+                    if out.finished:
+                        results[out.request_id] = out
+        return [
+            GenerationOutput(
+                results[r].output_text or "", tokens[r], results[r].finish_reason or "", p
+            )
+            for r, p in zip(rids, ids)
+        ]
+
+
+__all__ = ["EngineError", "GenerationOutput", "LLMEngine", "RequestError", "RequestOutput"]

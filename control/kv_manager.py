@@ -1,0 +1,136 @@
+"""Page tables of resident requests and the ForwardBatch builder (dense attention).
+
+Each logical page (P consecutive tokens of a request) owns num_layers * num_kv_heads pool slots,
+one per (layer, kv_head), allocated together when the request's context reaches the page and
+freed when the request ends. A request's table is a numpy array
+    [num_layers * num_kv_heads, capacity] int32, row = layer * KV + kv_head, column = logical page
+of which the first `num_pages` columns are valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from spinserve.runtime.batch import ForwardBatch, ForwardMode
+
+from .slot_allocator import SlotAllocator
+
+
+@dataclass(slots=True)
+class BatchItem:
+    request_id: str
+    start_pos: int  # tokens of the request already in the cache
+    token_ids: list[int]  # tokens computed in this forward
+    all_logits: bool = False  # return logits of every token (tests), not just the last
+
+
+class PagedKVManager:
+    def __init__(self, num_layers: int, num_kv_heads: int, page_size: int, num_slots: int) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.page_size = page_size
+        self.slots_per_page = num_layers * num_kv_heads
+        self.allocator = SlotAllocator(
+            num_slots, name="KV pool", remedy="raise cache.kv_cache_tokens or lower the load"
+        )
+        self._tables: dict[str, np.ndarray] = {}
+        self._num_pages: dict[str, int] = {}
+
+    @property
+    def capacity_pages(self) -> int:
+        """Logical pages the whole pool holds."""
+        return self.allocator.capacity // self.slots_per_page
+
+    @property
+    def free_pages(self) -> int:
+        return self.allocator.num_free // self.slots_per_page
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def extra_pages(self, request_id: str, num_tokens: int) -> int:
+        """Pages to add so that the request holds num_tokens."""
+        return max(0, self.pages_for(num_tokens) - self._num_pages.get(request_id, 0))
+
+    def ensure(self, request_id: str, num_tokens: int) -> None:
+        """Grow the request's table to hold num_tokens (raises OutOfSlotsError, nothing changed)."""
+        extra = self.extra_pages(request_id, num_tokens)
+        table = self._tables.get(request_id, np.zeros((self.slots_per_page, 0), np.int32))
+        used = self._num_pages.get(request_id, 0)
+        if extra:
+            new_slots = self.allocator.alloc(extra * self.slots_per_page)
+            if used + extra > table.shape[1]:
+                grown = np.zeros(
+                    (self.slots_per_page, max(2 * table.shape[1], used + extra)), np.int32
+                )
+                grown[:, :used] = table[:, :used]
+                table = grown
+            table[:, used : used + extra] = new_slots.reshape(extra, self.slots_per_page).T
+        self._tables[request_id] = table
+        self._num_pages[request_id] = used + extra
+
+    def free(self, request_id: str) -> None:
+        table = self._tables.pop(request_id, None)
+        used = self._num_pages.pop(request_id, 0)
+        if table is not None and used:
+            self.allocator.free(table[:, :used].ravel())
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    def check_integrity(self) -> None:
+        """Every slot is either free or owned by exactly one (request, page, layer, head)."""
+        self.allocator.check()
+        owned = [t[:, : self._num_pages[r]].ravel() for r, t in self._tables.items()]
+        owned_all = np.concatenate(owned) if owned else np.zeros(0, np.int32)
+        if np.unique(owned_all).size != owned_all.size:
+            raise AssertionError("a KV slot is owned twice")
+        if self.allocator.is_free(owned_all).any():
+            raise AssertionError("a KV slot is owned and free at once")
+        if owned_all.size + self.allocator.num_free != self.allocator.capacity:
+            raise AssertionError(
+                f"KV slots leaked: {owned_all.size} owned + {self.allocator.num_free} free "
+                f"!= {self.allocator.capacity}"
+            )
+
+    def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
+        """Tables -> ForwardBatch tensors (the items' pages must already be ensured)."""
+        L, KV, P = self.num_layers, self.num_kv_heads, self.page_size
+        ids, pos, append, kv_slots, pages_per_req, last_len, logit_idx = [], [], [], [], [], [], []
+        offset = 0
+        for it in items:
+            n = len(it.token_ids)
+            table = self._tables[it.request_id]
+            p = np.arange(it.start_pos, it.start_pos + n)
+            ids.extend(it.token_ids)
+            pos.append(p)
+            append.append(table[:, p // P].reshape(L, KV, n).transpose(0, 2, 1))
+            total = it.start_pos + n
+            npages = self.pages_for(total)
+            kv_slots.append(table[:, :npages].reshape(L, KV * npages))
+            pages_per_req.append(npages)
+            last_len.append((total - 1) % P + 1)
+            logit_idx.extend(range(offset, offset + n) if it.all_logits else [offset + n - 1])
+            offset += n
+        positions = np.concatenate(pos)
+        qo_indptr = np.concatenate([[0], np.cumsum([len(it.token_ids) for it in items])])
+        row_pages = np.repeat(pages_per_req, KV)
+        kv_indptr = np.concatenate([[0], np.cumsum(row_pages)])
+
+        def t(a, dtype):
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
+
+        return ForwardBatch(
+            mode=mode,
+            input_ids=t(ids, torch.int64),
+            positions=t(positions, torch.int64),
+            append_slots=t(np.concatenate(append, axis=1), torch.int32),
+            append_offsets=t(positions % P, torch.int32),
+            qo_indptr=t(qo_indptr, torch.int32),
+            kv_indptr=t(kv_indptr, torch.int32),
+            kv_slots=t(np.concatenate(kv_slots, axis=1), torch.int32),
+            kv_last_page_len=t(np.repeat(last_len, KV), torch.int32),
+            logits_indices=t(logit_idx, torch.int64),
+        )

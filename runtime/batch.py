@@ -1,0 +1,40 @@
+"""ForwardBatch: everything one model forward needs, built by the control plane.
+
+A forward is either PREFILL (chunks of one or more requests' prompts, causal) or DECODE (one new
+token per request). K/V of the batch's tokens are appended to their pages first; attention then
+reads each request's pages through the CSR lists (plugins/reference.py describes the layout).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [T] int64, tokens of all requests concatenated
+    positions: torch.Tensor  # [T] int64, position of each token in its request
+    append_slots: torch.Tensor  # [L, T, KV] int32, pool slot receiving token t of layer l, head h
+    append_offsets: torch.Tensor  # [T] int32, position % page_size
+    qo_indptr: torch.Tensor  # [B + 1] int32, request b owns tokens qo_indptr[b]:qo_indptr[b+1]
+    kv_indptr: torch.Tensor  # [B * KV + 1] int32, CSR rows r = b * KV + h (same for all layers)
+    kv_slots: torch.Tensor  # [L, nnz] int32, pool slots of each row's pages, per layer
+    kv_last_page_len: torch.Tensor  # [B * KV] int32, valid tokens in each row's last page
+    logits_indices: torch.Tensor  # [N] int64, tokens whose logits are returned
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def batch_size(self) -> int:
+        return self.qo_indptr.numel() - 1

@@ -1,0 +1,86 @@
+"""Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) on the paged KV substrate.
+
+Weights use the engine names (engines/build.py): fused qkv_proj and gate_up_proj. Every layer
+appends its new K/V to the pool (plugins.ops.append_kv) and attends over pages through the CSR
+lists of the ForwardBatch, so the same code serves dense and page-sparse attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from spinserve.configs.model import ModelConfig
+from spinserve.plugins import ops
+
+from .batch import ForwardBatch, ForwardMode
+from .rope import apply_rope, cos_sin, inv_frequencies
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.device = weights["embed_tokens.weight"].device
+        self.dtype = weights["embed_tokens.weight"].dtype
+        self.inv_freq = inv_frequencies(cfg).to(self.device)  # [D/2] float32
+        self.lm_head = weights.get("lm_head.weight", weights["embed_tokens.weight"])
+        self.sm_scale = cfg.head_dim**-0.5
+
+    def _attention(
+        self, layer: int, x: torch.Tensor, batch: ForwardBatch, kv_pool: torch.Tensor, cos, sin
+    ) -> torch.Tensor:
+        cfg, w, p = self.cfg, self.w, f"layers.{layer}."
+        T = x.shape[0]
+        qkv = F.linear(x, w[p + "qkv_proj.weight"], w.get(p + "qkv_proj.bias"))
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(T, cfg.num_heads, cfg.head_dim)
+        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
+            k = rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ops.append_kv(kv_pool, k, v, batch.append_slots[layer], batch.append_offsets)
+        kv_slots = batch.kv_slots[layer]
+        if batch.mode is ForwardMode.DECODE:
+            o = ops.paged_decode_attention(
+                q, kv_pool, batch.kv_indptr, kv_slots, batch.kv_last_page_len, self.sm_scale
+            )
+        else:
+            o = ops.paged_prefill_attention(
+                q,
+                kv_pool,
+                batch.qo_indptr,
+                batch.kv_indptr,
+                kv_slots,
+                batch.kv_last_page_len,
+                self.sm_scale,
+            )
+        return F.linear(o.reshape(T, cfg.q_size), w[p + "o_proj.weight"])
+
+    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p = f"layers.{layer}."
+        gate, up = F.linear(x, self.w[p + "gate_up_proj.weight"]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w[p + "down_proj.weight"])
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
+        """Returns float32 logits [len(batch.logits_indices), vocab]."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        x = F.embedding(batch.input_ids, self.w["embed_tokens.weight"])
+        cos, sin = cos_sin(self.inv_freq, batch.positions, self.dtype)
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            h = rms_norm(x, self.w[p + "input_norm.weight"], eps)
+            x = x + self._attention(i, h, batch, kv_pool, cos, sin)
+            h = rms_norm(x, self.w[p + "post_attention_norm.weight"], eps)
+            x = x + self._mlp(i, h)
+        x = rms_norm(x[batch.logits_indices], self.w["norm.weight"], eps)
+        return F.linear(x, self.lm_head).float()
