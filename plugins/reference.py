@@ -111,3 +111,94 @@ def paged_prefill_attention_ref(
         ob = torch.einsum("ktgn,knd->tkgd", scores.softmax(-1), v)
         out[qo[b] : qo[b + 1]] = ob.reshape(q_len, Hq, D).to(q.dtype)
     return out
+
+
+def page_summaries_ref(
+    kv_pool: torch.Tensor,  # [S, 2, P, D]: the new tokens already appended
+    slots: torch.Tensor,  # [T, KV] int32: as for append_kv
+    offsets: torch.Tensor,  # [T] int32: as for append_kv
+    summary_rows: torch.Tensor,  # [T, KV] int32: summary-table row of the page of (t, h)
+    page_min: torch.Tensor,  # [N, D] float32: per-channel min of the page's valid keys
+    page_max: torch.Tensor,  # [N, D] float32: per-channel max
+    page_sum: torch.Tensor,  # [N, D] float32: per-channel sum (mean = sum / valid tokens)
+) -> None:
+    """Recompute the summaries of every page touched by the new tokens, over the page's valid
+    tokens 0..offset of its last new token (in place). Full and partial pages alike."""
+    T = slots.shape[0]
+    for t in range(T):
+        for h in range(slots.shape[1]):
+            slot = int(slots[t, h])
+            if t + 1 < T and int(slots[t + 1, h]) == slot:
+                continue  # not the page's last new token
+            keys = kv_pool[slot, 0, : int(offsets[t]) + 1].float()
+            row = int(summary_rows[t, h])
+            page_min[row] = keys.amin(0)
+            page_max[row] = keys.amax(0)
+            page_sum[row] = keys.sum(0)
+
+
+def score_pages_ref(
+    q: torch.Tensor,  # [B, Hq, D]
+    page_indptr: torch.Tensor,  # [B * KV + 1] int32: CSR rows as for attention
+    page_rows: torch.Tensor,  # [nnz] int32: summary-table row of each listed page
+    last_page_len: torch.Tensor,  # [B * KV] int32: valid tokens of each row's last page
+    page_min: torch.Tensor,  # [N, D] float32
+    page_max: torch.Tensor,  # [N, D] float32
+    page_sum: torch.Tensor,  # [N, D] float32
+    page_size: int,
+    mode: int,  # 0 = Quest upper bound, 1 = landmark (mean key) dot product
+) -> torch.Tensor:  # [nnz] float32: max over the row's GQA group of the per-head score
+    B, Hq, D = q.shape
+    R = page_indptr.numel() - 1
+    group = Hq // (R // B)
+    qg = q.float().reshape(R, group, D)
+    out = torch.empty(page_rows.numel(), dtype=torch.float32, device=q.device)
+    ip = page_indptr.tolist()
+    for r in range(R):
+        rows = page_rows[ip[r] : ip[r + 1]].long()
+        if mode == 0:
+            mn, mx = page_min[rows], page_max[rows]  # [n, D]
+            s = torch.maximum(qg[r][:, None] * mn[None], qg[r][:, None] * mx[None]).sum(-1)
+        else:
+            count = torch.full((len(rows),), float(page_size), device=q.device)
+            count[-1:] = float(last_page_len[r])
+            s = qg[r] @ (page_sum[rows] / count[:, None]).T  # [G, n]
+        out[ip[r] : ip[r + 1]] = s.amax(0)
+    return out
+
+
+def select_pages_ref(
+    scores: torch.Tensor,  # [nnz] float32: from score_pages
+    page_indptr: torch.Tensor,  # [R + 1] int32
+    num_sink_pages: int,
+    num_window_pages: int,
+    budget_pages: int,
+) -> list[list[int]]:
+    """Per row: absolute positions of the selected pages, ascending: the first num_sink_pages
+    and last num_window_pages always, plus the budget_pages best-scored others."""
+    ip = page_indptr.tolist()
+    out = []
+    for r in range(len(ip) - 1):
+        n = ip[r + 1] - ip[r]
+        static = {j for j in range(n) if j < num_sink_pages or j >= n - num_window_pages}
+        rest = sorted(
+            (j for j in range(n) if j not in static), key=lambda j: -float(scores[ip[r] + j])
+        )
+        chosen = sorted(static | set(rest[:budget_pages]))
+        out.append([ip[r] + j for j in chosen])
+    return out
+
+
+def copy_pages_ref(
+    src_pool: torch.Tensor,  # [S_src, 2, P, D]
+    dst_pool: torch.Tensor,  # [S_dst, 2, P, D]
+    src_slots: torch.Tensor,  # [capacity] int32
+    dst_slots: torch.Tensor,  # [capacity] int32
+    num_pages: torch.Tensor,  # [1] int32: pages to copy this time (<= capacity)
+) -> None:
+    """dst_pool[dst_slots[i]] = src_pool[src_slots[i]] for i < num_pages (gather: host -> HBM;
+    scatter: HBM -> host)."""
+    n = int(num_pages.reshape(-1)[0])
+    src = src_slots[:n].long().to(src_pool.device)
+    dst = dst_slots[:n].long().to(dst_pool.device)
+    dst_pool[dst] = src_pool[src].to(dst_pool.device)

@@ -1,0 +1,166 @@
+"""Page scoring (Triton) and top-k page selection (torch, graph-capturable) for sparse decode.
+
+score_pages: for every page listed in a row's CSR (row = request * kv_head), a score for the
+row's GQA group of queries, the maximum over the group's heads of
+    QUEST:    sum_d max(q_d * min_d, q_d * max_d)  (upper bound of q . k over the page's keys)
+    LANDMARK: q . (key_sum / valid_tokens)          (dot with the page's mean key)
+The summaries come from append_kv's tables, looked up through `page_rows`.
+select_pages: per row, the static pages (first `num_sink_pages`, last `num_window_pages`, the
+partial tail included) plus the `budget_pages` best-scored others, returned as a CSR of
+positions into the scored list, in token order, so the tail page stays last.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from ._triton_util import lazy_jit, next_pow2, num_sms
+
+try:
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    tl = None
+
+SCORE_BLOCK_PAGES = 32
+
+
+class ScoreMode(enum.IntEnum):
+    QUEST = 0
+    LANDMARK = 1
+
+
+def _score_kernel(
+    q_ptr,
+    indptr_ptr,
+    rows_ptr,
+    last_len_ptr,
+    min_ptr,
+    max_ptr,
+    sum_ptr,
+    out_ptr,
+    num_kv_heads,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    prog = tl.program_id(1)
+    start = tl.load(indptr_ptr + row)
+    num_pages = tl.load(indptr_ptr + row + 1) - start
+    last_len = tl.load(last_len_ptr + row).to(tl.float32)
+    d = tl.arange(0, HEAD_DIM)
+    q_base = (row * GROUP).to(tl.int64) * HEAD_DIM  # q rows (b, kvh*G + g) are row*G + g
+    for j0 in range(prog * BLOCK_P, num_pages, NUM_PROGS * BLOCK_P):
+        j = j0 + tl.arange(0, BLOCK_P)
+        ok = j < num_pages
+        srow = tl.load(rows_ptr + start + j, mask=ok, other=0).to(tl.int64) * HEAD_DIM
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        if MODE == 0:
+            mn = tl.load(min_ptr + srow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            mx = tl.load(max_ptr + srow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            for g in tl.static_range(GROUP):
+                qg = tl.load(q_ptr + q_base + g * HEAD_DIM + d).to(tl.float32)[None, :]
+                best = tl.maximum(best, tl.sum(tl.maximum(qg * mn, qg * mx), 1))
+        else:
+            count = tl.where(j == num_pages - 1, last_len, PAGE * 1.0)
+            mean = tl.load(sum_ptr + srow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            mean = mean / count[:, None]
+            for g in tl.static_range(GROUP):
+                qg = tl.load(q_ptr + q_base + g * HEAD_DIM + d).to(tl.float32)[None, :]
+                best = tl.maximum(best, tl.sum(qg * mean, 1))
+        tl.store(out_ptr + start + j, best, mask=ok)
+
+
+score_kernel = lazy_jit(_score_kernel)
+
+
+def score_pages_triton(
+    q: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_rows: torch.Tensor,
+    last_page_len: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    page_sum: torch.Tensor,
+    page_size: int,
+    mode: int,
+) -> torch.Tensor:
+    B, Hq, D = q.shape
+    rows = page_indptr.numel() - 1
+    num_kv_heads = rows // B
+    out = torch.empty(page_rows.numel(), dtype=torch.float32, device=q.device)
+    if rows == 0 or page_rows.numel() == 0:
+        return out
+    avg_blocks = -(-page_rows.numel() // (rows * SCORE_BLOCK_PAGES))
+    nprog = max(1, min(avg_blocks, -(-2 * num_sms(q.device) // rows)))
+    nprog = next_pow2(nprog)
+    score_kernel[(rows, nprog)](
+        q,
+        page_indptr,
+        page_rows,
+        last_page_len,
+        page_min,
+        page_max,
+        page_sum,
+        out,
+        num_kv_heads,
+        GROUP=Hq // num_kv_heads,
+        HEAD_DIM=D,
+        PAGE=page_size,
+        MODE=int(mode),
+        BLOCK_P=SCORE_BLOCK_PAGES,
+        NUM_PROGS=nprog,
+        num_warps=4,
+    )
+    return out
+
+
+def select_pages_torch(
+    scores: torch.Tensor,
+    page_indptr: torch.Tensor,
+    num_sink_pages: int,
+    num_window_pages: int,
+    budget_pages: int,
+    max_pages_per_row: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k selection with static pages kept; device ops only (no host sync).
+
+    Returns (sel_indptr [R + 1] int32, sel_pos [R * C] int32) with C = sinks + window + budget:
+    row r's selected pages are sel_pos[sel_indptr[r]:sel_indptr[r + 1]], absolute positions into
+    the scored CSR list, ascending; entries past sel_indptr[R] are 0 (padding).
+    """
+    dev = scores.device
+    R = page_indptr.numel() - 1
+    M = max(1, int(max_pages_per_row))
+    C = min(num_sink_pages + num_window_pages + budget_pages, M)
+    starts = page_indptr[:-1].long()
+    counts = (page_indptr[1:] - page_indptr[:-1]).long()  # [R]
+    j = torch.arange(M, device=dev)
+    valid = j[None, :] < counts[:, None]  # [R, M]
+    flat = (starts[:, None] + j[None, :]).clamp(max=max(scores.numel() - 1, 0))
+    dense = torch.where(
+        valid,
+        scores[flat] if scores.numel() else flat.float(),
+        torch.tensor(float("-inf"), device=dev),
+    )
+    static = valid & (
+        (j[None, :] < num_sink_pages) | (j[None, :] >= counts[:, None] - num_window_pages)
+    )
+    dense = torch.where(static, torch.tensor(float("inf"), device=dev), dense)
+    top_val, top_j = dense.topk(C, dim=1)
+    taken = top_val > float("-inf")
+    top_j = torch.where(taken, top_j, torch.full_like(top_j, M)).sort(dim=1).values
+    sel_count = torch.minimum(counts, torch.tensor(C, device=dev))  # [R]
+    sel_indptr = torch.zeros(R + 1, dtype=torch.int64, device=dev)
+    sel_indptr[1:] = torch.cumsum(sel_count, 0)
+    rank = torch.arange(C, device=dev)[None, :]
+    keep = rank < sel_count[:, None]
+    dest = torch.where(keep, sel_indptr[:-1, None] + rank, torch.full_like(rank, R * C))
+    sel_pos = torch.zeros(R * C + 1, dtype=torch.int32, device=dev)
+    sel_pos.scatter_(0, dest.reshape(-1), (starts[:, None] + top_j).to(torch.int32).reshape(-1))
+    return sel_indptr.to(torch.int32), sel_pos[: R * C]
