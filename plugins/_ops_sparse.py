@@ -43,8 +43,8 @@ def _check_score(
     V.check_heads(op, q.shape[1], num_kv_heads)
     V.check_csr(op, page_indptr, page_rows, last_page_len, q.shape[0] * num_kv_heads, q.device)
     for name, t in (("page_min", page_min), ("page_max", page_max), ("page_sum", page_sum)):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != q.shape[2]:
-            V._fail(op, f"{name} must be float32 [N, head_dim], got {t.dtype} {tuple(t.shape)}")
+        if t.dtype not in V.SUPPORTED_DTYPES or t.dim() != 2 or t.shape[1] != q.shape[2]:
+            V._fail(op, f"{name} must be [N, head_dim] of {V.SUPPORTED_DTYPES}, got {t.dtype}")
         if t.device != q.device or not t.is_contiguous():
             V._fail(op, f"{name} must be contiguous on {q.device}")
 
@@ -79,7 +79,7 @@ def score_pages(
     page_indptr: torch.Tensor,  # [B * KV + 1] int32: candidate pages per (request, kv head)
     page_rows: torch.Tensor,  # [nnz] int32: summary-table row of each candidate page
     last_page_len: torch.Tensor,  # [B * KV] int32: valid tokens of each row's last page
-    page_min: torch.Tensor,  # [N, D] float32 (append_kv's tables)
+    page_min: torch.Tensor,  # [N, D] float32 / bf16 / fp16 (append_kv's tables)
     page_max: torch.Tensor,  # [N, D] float32
     page_sum: torch.Tensor,  # [N, D] float32
     page_size: int,

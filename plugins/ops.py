@@ -84,10 +84,10 @@ def _(kv_pool, k, v, slots, offsets) -> None:
 
 def _check_summaries(kv_pool, slots, offsets, summary_rows, page_min, page_max, page_sum) -> None:
     for name, t in (("page_min", page_min), ("page_max", page_max), ("page_sum", page_sum)):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != kv_pool.shape[3]:
+        if t.dtype not in V.SUPPORTED_DTYPES or t.dim() != 2 or t.shape[1] != kv_pool.shape[3]:
             V._fail(
                 "append_kv",
-                f"{name} must be float32 [num_pages, head_dim], got {t.dtype} {tuple(t.shape)}",
+                f"{name} must be [num_pages, head_dim] of {V.SUPPORTED_DTYPES}, got {t.dtype} {tuple(t.shape)}",
             )
         if t.device != kv_pool.device or not t.is_contiguous():
             V._fail("append_kv", f"{name} must be contiguous on {kv_pool.device}")
@@ -126,9 +126,12 @@ def append_kv(
     slots: torch.Tensor,  # [T, KV] int32: pool slot of token t's page for kv head h (pad: 0)
     offsets: torch.Tensor,  # [T] int32: position % P
     summary_rows: torch.Tensor | None = None,  # [T, KV] int32: summary row of that page
-    page_min: torch.Tensor | None = None,  # [N, D] float32: per-channel key min per page
-    page_max: torch.Tensor | None = None,  # [N, D] float32: per-channel key max per page
-    page_sum: torch.Tensor | None = None,  # [N, D] float32: per-channel key sum per page
+    page_min: torch.Tensor
+    | None = None,  # [N, D] float32 (or bf16/fp16, half the bytes): per-channel key min per page
+    page_max: torch.Tensor
+    | None = None,  # [N, D] float32 (or bf16/fp16, half the bytes): per-channel key max per page
+    page_sum: torch.Tensor
+    | None = None,  # [N, D] float32 (or bf16/fp16, half the bytes): per-channel key sum per page
 ) -> None:
     """Write new tokens' K/V into their pages; with summary tables given, also recompute the
     min / max / sum of every touched page's valid keys (tokens of one page must be consecutive

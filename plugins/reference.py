@@ -132,9 +132,9 @@ def page_summaries_ref(
                 continue  # not the page's last new token
             keys = kv_pool[slot, 0, : int(offsets[t]) + 1].float()
             row = int(summary_rows[t, h])
-            page_min[row] = keys.amin(0)
-            page_max[row] = keys.amax(0)
-            page_sum[row] = keys.sum(0)
+            page_min[row] = keys.amin(0).to(page_min.dtype)
+            page_max[row] = keys.amax(0).to(page_max.dtype)
+            page_sum[row] = keys.sum(0).to(page_sum.dtype)
 
 
 def score_pages_ref(
@@ -157,12 +157,12 @@ def score_pages_ref(
     for r in range(R):
         rows = page_rows[ip[r] : ip[r + 1]].long()
         if mode == 0:
-            mn, mx = page_min[rows], page_max[rows]  # [n, D]
+            mn, mx = page_min[rows].float(), page_max[rows].float()  # [n, D]
             s = torch.maximum(qg[r][:, None] * mn[None], qg[r][:, None] * mx[None]).sum(-1)
         else:
             count = torch.full((len(rows),), float(page_size), device=q.device)
             count[-1:] = float(last_page_len[r])
-            s = qg[r] @ (page_sum[rows] / count[:, None]).T  # [G, n]
+            s = qg[r] @ (page_sum[rows].float() / count[:, None]).T  # [G, n]
         out[ip[r] : ip[r + 1]] = s.amax(0)
     return out
 

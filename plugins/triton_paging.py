@@ -81,9 +81,15 @@ def _page_summaries_kernel(
             other=0.0,
         ).to(tl.float32)
         row = tl.load(rows_ptr + t * num_kv_heads + h).to(tl.int64) * HEAD_DIM
-        tl.store(min_ptr + row + d, tl.min(tl.where(ok, keys, float("inf")), 0))
-        tl.store(max_ptr + row + d, tl.max(tl.where(ok, keys, float("-inf")), 0))
-        tl.store(sum_ptr + row + d, tl.sum(keys, 0))
+        tl.store(
+            min_ptr + row + d,
+            tl.min(tl.where(ok, keys, float("inf")), 0).to(min_ptr.dtype.element_ty),
+        )
+        tl.store(
+            max_ptr + row + d,
+            tl.max(tl.where(ok, keys, float("-inf")), 0).to(max_ptr.dtype.element_ty),
+        )
+        tl.store(sum_ptr + row + d, tl.sum(keys, 0).to(sum_ptr.dtype.element_ty))
 
 
 def _copy_pages_kernel(

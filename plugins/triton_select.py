@@ -62,14 +62,16 @@ def _score_kernel(
         best = tl.full([BLOCK_P], float("-inf"), tl.float32)
         if MODE == 0:
             mn = tl.load(min_ptr + srow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            mn = mn.to(tl.float32)
             mx = tl.load(max_ptr + srow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            mx = mx.to(tl.float32)
             for g in tl.static_range(GROUP):
                 qg = tl.load(q_ptr + q_base + g * HEAD_DIM + d).to(tl.float32)[None, :]
                 best = tl.maximum(best, tl.sum(tl.maximum(qg * mn, qg * mx), 1))
         else:
             count = tl.where(j == num_pages - 1, last_len, PAGE * 1.0)
             mean = tl.load(sum_ptr + srow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            mean = mean / count[:, None]
+            mean = mean.to(tl.float32) / count[:, None]
             for g in tl.static_range(GROUP):
                 qg = tl.load(q_ptr + q_base + g * HEAD_DIM + d).to(tl.float32)[None, :]
                 best = tl.maximum(best, tl.sum(qg * mean, 1))
