@@ -1,0 +1,100 @@
+"""Quest: page = 16 tokens, index = per-channel min/max of the page's keys, select = top-k pages
+by the upper bound of q.k over the page: sum_i max(q_i * min_i, q_i * max_i).
+
+Index data per (request slot, kv_head, page): min and max keys, float32 [D] each; decode tokens
+fold into their page's running min/max (a page's first token overwrites stale values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import (
+    PageBuffers,
+    SparseAlgorithm,
+    SparseState,
+    group_max_scores,
+    register_algorithm,
+    topk_page_mask,
+    valid_page_mask,
+)
+
+
+def page_reduce(keys: torch.Tensor, page_size: int, how: str) -> torch.Tensor:
+    """keys [L, KV, D] -> [KV, ceil(L/P), D] float32 per-page amin / amax / sum over tokens."""
+    L, KV, D = keys.shape
+    n = (L + page_size - 1) // page_size
+    fill = {"amin": float("inf"), "amax": float("-inf"), "sum": 0.0}[how]
+    k = F.pad(keys.float(), (0, 0, 0, 0, 0, n * page_size - L), value=fill)
+    k = k.view(n, page_size, KV, D)
+    red = {"amin": k.amin(1), "amax": k.amax(1), "sum": k.sum(1)}[how]
+    return red.transpose(0, 1)
+
+
+class QuestAlgorithm(SparseAlgorithm):
+    name = "quest"
+    required_page_size = 16
+
+    def new_state(self, max_requests: int, device: torch.device | str) -> SparseState:
+        buf = PageBuffers(max_requests, self.num_kv_heads, device)
+        buf.add("kmin", (self.head_dim,), torch.float32, float("inf"))  # [R, KV, cap, D]
+        buf.add("kmax", (self.head_dim,), torch.float32, float("-inf"))  # [R, KV, cap, D]
+        return SparseState(buf)
+
+    def index_prefill(self, state: SparseState, req_slot: int, keys: torch.Tensor) -> None:
+        buf, P = state.buffers, self.page_size
+        kmin, kmax = page_reduce(keys, P, "amin"), page_reduce(keys, P, "amax")
+        n = kmin.shape[1]
+        buf.ensure(n)
+        buf["kmin"][req_slot, :, :n] = kmin
+        buf["kmax"][req_slot, :, :n] = kmax
+        return None
+
+    def index_decode(
+        self,
+        state: SparseState,
+        req_slots: torch.Tensor,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        buf, P = state.buffers, self.page_size
+        page = positions.long() // P
+        buf.ensure(int(page.max()) + 1)
+        heads = torch.arange(self.num_kv_heads, device=keys.device)
+        idx = (req_slots.long()[:, None], heads[None, :], page[:, None])  # -> [B, KV, D]
+        fresh = (positions.long() % P == 0)[:, None, None]
+        k = keys.float()
+        buf["kmin"][idx] = torch.where(fresh, k, torch.minimum(buf["kmin"][idx], k))
+        buf["kmax"][idx] = torch.where(fresh, k, torch.maximum(buf["kmax"][idx], k))
+
+    def page_scores(
+        self, state: SparseState, query: torch.Tensor, req_slots: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """[B, Hq, N] float32: sm_scale * upper bound of q.k over each page, per query head."""
+        B, Hq, D = query.shape
+        KV = self.num_kv_heads
+        kmin = state.buffers["kmin"][req_slots, :, :n]  # [B, KV, N, D]
+        kmax = state.buffers["kmax"][req_slots, :, :n]
+        q = query.float().view(B, KV, Hq // KV, D)
+        ub = torch.einsum("bkgd,bknd->bkgn", q.clamp(min=0), kmax)
+        ub = ub + torch.einsum("bkgd,bknd->bkgn", q.clamp(max=0), kmin)
+        return ub.reshape(B, Hq, n) * self.sm_scale
+
+    def _dynamic_mask(
+        self,
+        state: SparseState,
+        query: torch.Tensor,
+        req_slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        budget_pages: torch.Tensor,
+        static: torch.Tensor,
+    ) -> torch.Tensor:
+        B, N = static.shape
+        eligible = (valid_page_mask(seq_lens, self.page_size, N) & ~static)[:, None, :]
+        eligible = eligible.expand(B, self.num_kv_heads, N)
+        scores = group_max_scores(self.page_scores(state, query, req_slots, N), eligible)
+        return topk_page_mask(scores, budget_pages)
+
+
+register_algorithm("quest", QuestAlgorithm)
