@@ -1,0 +1,430 @@
+"""Two-level page metadata (DESIGN.md "Two-level metadata").
+
+A flat table would reserve max_requests x max_pages x LH entries (LH = num_layers x num_kv_heads),
+more than the KV itself at long contexts. Here:
+  level 1  `dir`     [max_requests, max_segments] int32: segment id per (request slot, segment
+                      index), -1 = none. Small and static.
+  level 2  `hbm_l2`  [num_segments, S, LH] int32: HBM slot of (logical page, layer x kv_head), -1 =
+                      not resident in HBM.
+           `host_l2` [num_segments, S, LH] int32: host-pool slot of the same page (every page has
+                      one from its allocation on; the offload kernel writes there when the page
+                      completes). Lives in pinned, device-mapped memory with CUDA: the gather
+                      kernel reads it through UVA on a miss, so it needs no upload.
+  Entry of (request r, logical page p, lh) = l2[dir[r, p // S], p % S, lh].
+Segments come from a pool (segment 0 = the dummy segment, all entries 0 = the dummy slots) as a
+request's context grows and go back when it ends, so table bytes follow the live context.
+
+Data flow per step: the control plane mutates the CPU copies (numpy, numba for ragged loops)
+and records the flat indices it touched; `flush()` packs (index, value) pairs into one pinned
+staging buffer, makes ONE non-blocking copy to the device and scatters them into the device
+mirror `meta_gpu` = [dir | hbm_l2 | spare] int32. The device copy of hbm_l2 is also changed by
+the decode graph (misses installed, victims evicted); the control plane only writes entries of
+pages it just created, of fresh segments, and clears entries of HBM slots it took back.
+
+Ownership (checked by `check_integrity`): each HBM slot in use is owned by one request
+(`hbm_owner`); each host slot in use is referenced by exactly one host entry of a live request;
+each segment in use sits in exactly one directory row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from spinserve.control.host_pool import MappedHostBuffer
+from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator
+
+NONE = -1  # "no segment" / "no slot" in every table
+_ENTRY_BYTES = 4  # int32
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    max_requests: int  # request slots = level-1 rows
+    max_pages_per_request: int  # ceil(max_context / P)
+    segment_pages: int  # S: logical pages per level-2 segment
+    num_layer_heads: int  # LH = num_layers * num_kv_heads
+    num_segments: int  # level-2 pool size, including the dummy segment 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_pages_per_request", "segment_pages", "num_layer_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DirectoryConfig.{name} must be >= 1")
+        if self.num_segments < 2:
+            raise ValueError("DirectoryConfig.num_segments must be >= 2 (segment 0 is the dummy)")
+        if self.dir_size + self.l2_size >= 2**31:
+            raise ValueError("page tables exceed int32 indexing: use fewer/smaller segments")
+
+    @property
+    def max_segments(self) -> int:
+        return -(-self.max_pages_per_request // self.segment_pages)
+
+    @property
+    def dir_size(self) -> int:
+        return self.max_requests * self.max_segments
+
+    @property
+    def segment_entries(self) -> int:
+        return self.segment_pages * self.num_layer_heads
+
+    @property
+    def l2_size(self) -> int:
+        return self.num_segments * self.segment_entries
+
+
+@numba.njit(cache=True)
+def _fill_directory(dir_tab, reqs, old_segs, new_segs, seg_ids):  # pragma: no cover - numba
+    """Write new segment ids into directory rows; returns the flat indices written."""
+    written = np.empty(seg_ids.size, dtype=np.int64)
+    k = 0
+    for i in range(reqs.size):
+        for j in range(old_segs[i], new_segs[i]):
+            dir_tab[reqs[i], j] = seg_ids[k]
+            written[k] = reqs[i] * dir_tab.shape[1] + j
+            k += 1
+    return written
+
+
+@numba.njit(cache=True)
+def _fill_host_pages(dir_tab, host_l2, reqs, old_pages, new_pages, host_slots, seg_pages):
+    k = 0  # pragma: no cover - numba
+    for i in range(reqs.size):
+        for p in range(old_pages[i], new_pages[i]):
+            seg = dir_tab[reqs[i], p // seg_pages]
+            host_l2[seg, p % seg_pages, :] = host_slots[k]
+            k += 1
+
+
+class PageDirectory:
+    """Level-1 directory + level-2 segments, with CPU copies and a device mirror."""
+
+    def __init__(
+        self,
+        config: DirectoryConfig,
+        hbm_slots: SlotAllocator,
+        host_slots: SlotAllocator,
+        device: torch.device | str = "cpu",
+        use_cuda: bool | None = None,
+    ) -> None:
+        c = self.config = config
+        self.hbm_slots, self.host_slots = hbm_slots, host_slots
+        self.device = torch.device(device)
+        self.segments = SlotAllocator(
+            c.num_segments,
+            name="page-table segments",
+            remedy="Raise num_segments (level-2 pool) or admit fewer/shorter requests",
+        )
+        # [dir_size + l2_size + 1] int32: flat CPU copy: dir | hbm_l2 | one spare entry
+        self.meta_cpu = np.full(c.dir_size + c.l2_size + 1, NONE, dtype=np.int32)
+        # [max_requests, max_segments] int32: segment id, -1 = none
+        self.dir_cpu = self.meta_cpu[: c.dir_size].reshape(c.max_requests, c.max_segments)
+        # [num_segments, S, LH] int32: HBM slot per page entry, -1 = not resident
+        self.hbm_l2_cpu = self.meta_cpu[c.dir_size : c.dir_size + c.l2_size].reshape(
+            c.num_segments, c.segment_pages, c.num_layer_heads
+        )
+        self.hbm_l2_cpu[0] = DUMMY_SLOT
+        # [max_requests] int32: logical pages allocated per request slot
+        self.num_pages = np.zeros(c.max_requests, dtype=np.int32)
+        # [max_requests] bool: request slot admitted
+        self.active = np.zeros(c.max_requests, dtype=bool)
+        # [hbm_slots.num_slots] int32: request slot owning each HBM slot, -1 = none
+        self.hbm_owner = np.full(hbm_slots.num_slots, NONE, dtype=np.int32)
+        # [hbm_slots.num_slots] int64: flat meta index of the CPU entry holding each slot, -1 = none
+        self.hbm_entry = np.full(hbm_slots.num_slots, NONE, dtype=np.int64)
+        self._init_host_table(use_cuda)
+        # [dir_size + l2_size + 1] int32 on device: mirror of meta_cpu
+        self.meta_gpu = torch.from_numpy(self.meta_cpu).to(self.device, copy=True)
+        self.dir_gpu = self.meta_gpu[: c.dir_size].view(c.max_requests, c.max_segments)
+        self.hbm_l2_gpu = self.meta_gpu[c.dir_size : c.dir_size + c.l2_size].view(
+            c.num_segments, c.segment_pages, c.num_layer_heads
+        )
+        self._dirty: list[np.ndarray] = []  # flat meta indices changed since the last flush
+        self._freed_hbm: list[np.ndarray] = []  # HBM slots taken back since the last flush
+        # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
+        self._staging = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
+        self._staging_events: list[torch.cuda.Event | None] = [None, None]
+        self._flushes = 0
+
+    def _init_host_table(self, use_cuda: bool | None) -> None:
+        c = self.config
+        shape = (c.num_segments, c.segment_pages, c.num_layer_heads)
+        if use_cuda is None:
+            use_cuda = self.device.type == "cuda"
+        self._host_buffer: MappedHostBuffer | None = None
+        if use_cuda:
+            self._host_buffer = MappedHostBuffer(c.l2_size * _ENTRY_BYTES, self.device.index)
+            self.host_l2_cpu = self._host_buffer.numpy_view(np.int32, shape)
+            self.host_l2_gpu = self._host_buffer.gpu_view(torch.int32, shape)
+        else:
+            self.host_l2_cpu = np.empty(shape, dtype=np.int32)
+            self.host_l2_gpu = torch.from_numpy(self.host_l2_cpu)  # same memory
+        # [num_segments, S, LH] int32: host slot per page entry, -1 = none
+        self.host_l2_cpu[...] = NONE
+        self.host_l2_cpu[0] = DUMMY_SLOT
+
+    def close(self) -> None:
+        if self._host_buffer is not None:
+            self.host_l2_cpu = self.host_l2_gpu = None  # type: ignore[assignment]
+            self._host_buffer.close()
+
+    # ---- request lifetime -------------------------------------------------------------------
+    def admit(self, req: int) -> None:
+        if self.active[req]:
+            raise ValueError(f"request slot {req} is already in use")
+        self.active[req] = True
+        self.num_pages[req] = 0
+
+    def grow(self, reqs: np.ndarray, new_num_pages: np.ndarray) -> None:
+        """Extend requests to `new_num_pages` logical pages each: new segments as needed and a
+        host slot for every new (page, lh). All or nothing: OutOfSlotsError changes nothing."""
+        reqs = np.asarray(reqs, dtype=np.int64).ravel()
+        new = np.asarray(new_num_pages, dtype=np.int64).ravel()
+        old = self.num_pages[reqs].astype(np.int64)
+        self._check_grow(reqs, old, new)
+        c = self.config
+        old_segs, new_segs = -(-old // c.segment_pages), -(-new // c.segment_pages)
+        num_segs = int((new_segs - old_segs).sum())
+        num_host = int((new - old).sum()) * c.num_layer_heads
+        if not self.segments.can_alloc(num_segs):
+            self.segments.alloc(num_segs)  # raises OutOfSlotsError naming the pool
+        if not self.host_slots.can_alloc(num_host):
+            self.host_slots.alloc(num_host)
+        segs = self.segments.alloc(num_segs)
+        host = self.host_slots.alloc(num_host).reshape(-1, c.num_layer_heads)
+        self.hbm_l2_cpu[segs] = NONE
+        self.host_l2_cpu[segs] = NONE
+        self._dirty.append(_fill_directory(self.dir_cpu, reqs, old_segs, new_segs, segs))
+        _fill_host_pages(self.dir_cpu, self.host_l2_cpu, reqs, old, new, host, c.segment_pages)
+        self.num_pages[reqs] = new
+        self._mark_segments_dirty(segs)
+
+    def _check_grow(self, reqs: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        if reqs.size != new.size:
+            raise ValueError("grow: reqs and new_num_pages differ in length")
+        if not self.active[reqs].all():
+            idle = reqs[~self.active[reqs]].tolist()
+            raise ValueError(f"grow: request slot(s) {idle} not admitted")
+        if np.unique(reqs).size != reqs.size:
+            raise ValueError("grow: a request slot appears twice")
+        if (new < old).any() or (new > self.config.max_pages_per_request).any():
+            raise ValueError(
+                f"grow: page counts must not shrink and must be <= "
+                f"{self.config.max_pages_per_request} (max context)"
+            )
+
+    def release(self, req: int) -> np.ndarray:
+        """End a request (finish or cancel): free its host slots, segments and HBM slots.
+        Returns the HBM slots it owned (the caller marks them empty in the LRU)."""
+        if not self.active[req]:
+            raise ValueError(f"release: request slot {req} is not in use")
+        row = self.dir_cpu[req]
+        segs = row[row != NONE]
+        host = self.host_l2_cpu[segs].ravel()
+        self.host_slots.free(host[host != NONE])
+        self.segments.free(segs)
+        self.host_l2_cpu[segs] = NONE
+        self.hbm_l2_cpu[segs] = NONE
+        hbm = np.flatnonzero(self.hbm_owner == req).astype(np.int32)
+        self.hbm_owner[hbm] = NONE
+        self.hbm_entry[hbm] = NONE
+        self.hbm_slots.free(hbm)
+        self._freed_hbm.append(hbm)
+        row[:] = NONE
+        self._dirty.append(req * self.config.max_segments + np.arange(self.config.max_segments))
+        self.active[req] = False
+        self.num_pages[req] = 0
+        return hbm
+
+    # ---- HBM ownership and entries ------------------------------------------------------
+    def own_hbm(self, reqs: int | np.ndarray, nums: int | np.ndarray) -> np.ndarray:
+        """Give each request in `reqs` `nums` fresh HBM slots (its budget grows): the slots,
+        grouped by request in order. OutOfSlotsError (nothing changed) if the pool is short."""
+        reqs = np.atleast_1d(np.asarray(reqs, dtype=np.int64))
+        nums = np.broadcast_to(np.asarray(nums, dtype=np.int64), reqs.shape)
+        if not self.active[reqs].all():
+            raise ValueError(f"own_hbm: request slot(s) {reqs[~self.active[reqs]]} not in use")
+        slots = self.hbm_slots.alloc(int(nums.sum()))
+        self.hbm_owner[slots] = np.repeat(reqs, nums)
+        return slots
+
+    def disown_hbm(self, reqs: int | np.ndarray, slots: np.ndarray) -> None:
+        """Take HBM slots back (budgets shrink); `reqs` = owner of each slot (or one for all).
+        Entries pointing at them are cleared here and, at the next flush, on the device."""
+        slots = np.asarray(slots, dtype=np.int64).ravel()
+        if (self.hbm_owner[slots] != np.broadcast_to(reqs, slots.shape)).any():
+            raise ValueError(f"disown_hbm: slot(s) not owned by request slot(s) {reqs}")
+        entries = self.hbm_entry[slots]
+        entries = entries[entries != NONE]
+        self.meta_cpu[entries] = NONE
+        self._dirty.append(entries)
+        self.hbm_entry[slots] = NONE
+        self.hbm_owner[slots] = NONE
+        self.hbm_slots.free(slots)
+        self._freed_hbm.append(slots.astype(np.int32))
+
+    def set_hbm(self, reqs: np.ndarray, pages: np.ndarray, slots: np.ndarray) -> None:
+        """HBM entries of pages (e.g. fresh tail pages): slots [n, LH] int32, -1 = not resident.
+        Each slot must be owned by its request and hold no other page."""
+        lh = self.config.num_layer_heads
+        reqs = np.asarray(reqs, dtype=np.int64).ravel()
+        pages = np.asarray(pages, dtype=np.int64).ravel()
+        slots = np.asarray(slots, dtype=np.int32).reshape(reqs.size, lh)
+        if (pages >= self.num_pages[reqs]).any() or (pages < 0).any():
+            raise ValueError("set_hbm: page not allocated (grow the request first)")
+        resident = slots != NONE
+        if (
+            self.hbm_owner[slots[resident]] != np.broadcast_to(reqs[:, None], slots.shape)[resident]
+        ).any():
+            raise ValueError("set_hbm: HBM slot not owned by the request (own_hbm first)")
+        S = self.config.segment_pages
+        segs = self.dir_cpu[reqs, pages // S].astype(np.int64)
+        flat = self.config.dir_size + ((segs * S + pages % S) * lh)[:, None] + np.arange(lh)
+        held = self.hbm_entry[slots[resident]]
+        if ((held != NONE) & ~np.isin(held, flat)).any() or np.unique(
+            slots[resident]
+        ).size < held.size:
+            raise ValueError("set_hbm: an HBM slot would hold two pages")
+        old = self.meta_cpu[flat]
+        self.hbm_entry[old[old != NONE]] = NONE
+        self.meta_cpu[flat] = slots
+        self.hbm_entry[slots[resident]] = flat[resident]
+        self._dirty.append(flat.ravel())
+
+    def hbm_entries(self, req: int, pages: np.ndarray) -> np.ndarray:
+        """[n, LH] int32 CPU-side HBM entries of a request's pages."""
+        return self.hbm_l2_cpu[self._locate(req, pages)]
+
+    def host_entries(self, req: int, pages: np.ndarray) -> np.ndarray:
+        """[n, LH] int32 host slots of a request's pages."""
+        return self.host_l2_cpu[self._locate(req, pages)]
+
+    def _locate(self, req: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pages = np.asarray(pages, dtype=np.int64)
+        S = self.config.segment_pages
+        return self.dir_cpu[req, pages // S], pages % S
+
+    def _mark_segments_dirty(self, segs: np.ndarray) -> None:
+        if segs.size:
+            n = self.config.segment_entries
+            base = self.config.dir_size + segs.astype(np.int64) * n
+            self._dirty.append((base[:, None] + np.arange(n)).ravel())
+
+    # ---- device sync ----------------------------------------------------------------------
+    def flush(self) -> int:
+        """Push the changes since the last flush to the device mirror: ONE non-blocking copy of
+        a pinned staging buffer [dirty indices | their values | HBM slots taken back], then a
+        scatter, and a clear of every device entry still naming a slot taken back (the decode
+        graph may have installed it anywhere). Returns the number of entries written."""
+        empty = np.zeros(0, dtype=np.int32)
+        idx = np.unique(np.concatenate(self._dirty)).astype(np.int32) if self._dirty else empty
+        freed = np.concatenate(self._freed_hbm).astype(np.int32) if self._freed_hbm else empty
+        self._dirty, self._freed_hbm = [], []
+        n, f = idx.size, freed.size
+        if n + f == 0:
+            return 0
+        staging = self._staging_buffer(2 * n + f)
+        host = staging.numpy()
+        host[:n] = idx
+        host[n : 2 * n] = self.meta_cpu[idx]
+        host[2 * n : 2 * n + f] = freed
+        upload = staging[: 2 * n + f].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._staging_events[self._flushes % 2] = torch.cuda.Event()
+            self._staging_events[self._flushes % 2].record()
+        if f:
+            self.hbm_l2_gpu.masked_fill_(torch.isin(self.hbm_l2_gpu, upload[2 * n :]), NONE)
+        if n:
+            self.meta_gpu.index_copy_(0, upload[:n].long(), upload[n : 2 * n])
+        self._flushes += 1
+        return n
+
+    def _staging_buffer(self, size: int) -> torch.Tensor:
+        """One of two pinned int32 buffers (used in turn), reused only once its upload is done."""
+        turn = self._flushes % 2
+        if self._staging_events[turn] is not None:
+            self._staging_events[turn].synchronize()  # two flushes ago: long done in practice
+        if self._staging[turn].numel() < size:
+            cap = max(size, 2 * self._staging[turn].numel(), 1024)
+            pin = self.device.type == "cuda"
+            self._staging[turn] = torch.empty(cap, dtype=torch.int32, pin_memory=pin)
+        return self._staging[turn]
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def table_bytes(self) -> dict[str, int]:
+        """Bytes of the two-level tables (HBM-entry + host-entry tables) vs a flat table."""
+        c = self.config
+        per_segment = c.segment_entries * _ENTRY_BYTES * 2
+        live = self.segments.num_used
+        flat = c.max_requests * c.max_pages_per_request * c.num_layer_heads * _ENTRY_BYTES * 2
+        return {
+            "directory": c.dir_size * _ENTRY_BYTES,
+            "segments_live": live * per_segment,
+            "segments_reserved": c.num_segments * per_segment,
+            "two_level_live": c.dir_size * _ENTRY_BYTES + live * per_segment,
+            "two_level_reserved": c.dir_size * _ENTRY_BYTES + c.num_segments * per_segment,
+            "flat": flat,
+        }
+
+    def check_integrity(self, hbm_l2: np.ndarray | None = None) -> None:
+        """Raise AssertionError unless every segment, host slot and HBM slot is free or owned
+        exactly once. `hbm_l2` may be a device snapshot (`hbm_l2_gpu.cpu().numpy()`)."""
+        c, S = self.config, self.config.segment_pages
+        hbm_l2 = self.hbm_l2_cpu if hbm_l2 is None else hbm_l2
+        for allocator in (self.segments, self.host_slots, self.hbm_slots):
+            allocator.check()
+        _require(not self.num_pages[~self.active].any(), "an idle request slot has pages")
+        need = -(-self.num_pages // S)
+        in_use = np.arange(c.max_segments)[None, :] < need[:, None]
+        _require(np.array_equal(self.dir_cpu != NONE, in_use), "directory rows != request sizes")
+        req_of, col_of = np.nonzero(in_use)
+        segs = self.dir_cpu[req_of, col_of]
+        _require(_owned_once(segs, self.segments), "a segment is neither free nor owned once")
+        # [n, S] bool: page of the live segment lies inside its request's context
+        valid = (col_of[:, None] * S + np.arange(S)) < self.num_pages[req_of][:, None]
+        host = self.host_l2_cpu[segs]
+        _require((host[valid] != NONE).all() and (host[~valid] == NONE).all(), "host entries")
+        _require(_owned_once(host[valid].ravel(), self.host_slots), "a host slot is not owned once")
+        owned = self.hbm_owner != NONE
+        expect = ~self.hbm_slots.free_mask()
+        expect[DUMMY_SLOT] = False
+        _require(np.array_equal(owned, expect), "an HBM slot is neither free nor owned")
+        _require(self.active[self.hbm_owner[owned]].all(), "an HBM slot owned by an idle slot")
+        hbm = hbm_l2[segs]
+        _require((hbm[~valid] == NONE).all(), "HBM entry beyond a request's context")
+        live = hbm[valid]  # [k, LH]
+        owner_req = np.broadcast_to(req_of[:, None, None], hbm.shape)[valid]
+        resident = live != NONE
+        _require(
+            (self.hbm_owner[live[resident]] == owner_req[resident]).all(),
+            "an HBM entry points at a slot its request does not own",
+        )
+        counts = np.bincount(live[resident].ravel(), minlength=self.hbm_slots.num_slots)
+        _require(counts.max(initial=0) <= 1, "two page entries share one HBM slot")
+        if hbm_l2 is self.hbm_l2_cpu:  # the reverse map follows the CPU copy
+            where = np.flatnonzero(self.meta_cpu[c.dir_size : c.dir_size + c.l2_size] != NONE)
+            where = where[where >= c.segment_entries]  # not the dummy segment
+            slots = self.meta_cpu[c.dir_size + where]
+            _require(
+                np.array_equal(self.hbm_entry[slots], c.dir_size + where)
+                and (self.hbm_entry != NONE).sum() == where.size,
+                "HBM reverse map is stale",
+            )
+        _require(
+            (hbm_l2[0] == DUMMY_SLOT).all() and (self.host_l2_cpu[0] == DUMMY_SLOT).all(),
+            "the dummy segment was overwritten",
+        )
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise AssertionError(f"page directory integrity: {what}")
+
+
+def _owned_once(ids: np.ndarray, allocator: SlotAllocator) -> bool:
+    """Every used slot of `allocator` appears exactly once in `ids`, no free slot appears."""
+    counts = np.bincount(ids.astype(np.int64), minlength=allocator.num_slots)
+    used = ~allocator.free_mask()
+    used[DUMMY_SLOT] = False
+    return counts.max(initial=0) <= 1 and np.array_equal(counts > 0, used)

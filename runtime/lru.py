@@ -1,0 +1,148 @@
+"""GPU bucketed LRU over HBM slots (DESIGN.md "Locality-aware cache manager").
+
+Each HBM slot carries a uint8 epoch: the step at which it was last touched, modulo 256. The
+current epoch lives in a 1-element device tensor, so a captured CUDA graph advances it on every
+replay without the host. A slot's age is `(current - epoch) mod 256`:
+  - age 0   : touched in this step (a hit or a just-filled miss): never a victim;
+  - age 1.. : older; ages saturate at MAX_AGE = 255 (`advance` keeps the oldest bucket from
+              wrapping to 0), so 255 means "255 or more steps ago, or holding no page".
+
+Victims are chosen per row (a row = the HBM slots one request owns for one layer, say), oldest
+bucket first, without sorting and without a host round trip:
+  1. a histogram of the row's ages (scatter_add into [R, 256]);
+  2. a suffix sum gives, per age a, how many eligible slots are at least that old; the cutoff
+     bucket c is the youngest age such that the slots aged >= c cover the request;
+  3. every slot older than c is a victim; inside bucket c the slots earliest in the row win
+     (tie rule: lower column index in `row_slots` first);
+  4. victims are compacted in parallel (cumsum of the mask) into a fixed [R, max_victims] output
+     in row-column order, padded with -1.
+So the eviction order is (age descending, column ascending); asking for k victims returns the
+first k of that order. All shapes are static, every op is a torch op with no `.item()`: the whole
+thing is CUDA-graph safe. On CPU the same code runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_BUCKETS = 256  # uint8 epochs
+MAX_AGE = NUM_BUCKETS - 1  # saturated age: "oldest", also given to slots holding no page
+PAD = -1  # padding in slot lists and victim outputs
+
+
+class BucketedLRU:
+    """Epochs of `num_hbm_slots` HBM slots on `device`. Slot 0 (the dummy) absorbs padding."""
+
+    def __init__(self, num_hbm_slots: int, device: torch.device | str = "cpu") -> None:
+        # [num_hbm_slots] uint8: epoch of each slot's last touch; all start at age MAX_AGE
+        self.epoch = torch.ones(num_hbm_slots, dtype=torch.uint8, device=device)
+        # [1] uint8: the current epoch; advance() adds 1 (wrapping mod 256)
+        self.current = torch.zeros(1, dtype=torch.uint8, device=device)
+
+    def advance(self) -> None:
+        """Start a new step: every age grows by one, saturating at MAX_AGE (once per step)."""
+        saturated = (self.current - self.epoch) == MAX_AGE  # uint8 math wraps mod 256
+        self.epoch.add_(saturated.to(torch.uint8))
+        self.current.add_(1)
+
+    def ages(self, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 ages of `slots` (any shape, no padding) or of every slot."""
+        epoch = self.epoch if slots is None else self.epoch[slots.long()]
+        return self.current - epoch
+
+    def touch(self, slots: torch.Tensor) -> None:
+        """Stamp `slots` (any shape, int, -1 = none) with the current epoch (age 0)."""
+        idx = slots.reshape(-1).long().clamp_min(0)  # padding lands on the dummy slot 0
+        self.epoch.scatter_(0, idx, self.current.expand(idx.numel()))
+
+    def mark_empty(self, slots: torch.Tensor) -> None:
+        """Give `slots` (-1 = none) age MAX_AGE: slots holding no page are evicted first."""
+        idx = slots.reshape(-1).long().clamp_min(0)
+        oldest = self.current + 1  # (current - (current + 1)) mod 256 == 255
+        self.epoch.scatter_(0, idx, oldest.expand(idx.numel()))
+
+    def select_victims(
+        self,
+        row_slots: torch.Tensor,  # [R, N] int32: HBM slots of each row, -1 = padding
+        num_needed: torch.Tensor,  # [R] int: victims wanted per row (e.g. its misses)
+        max_victims: int,  # static width of the output (worst case of num_needed)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose victims: ([R, max_victims] int32 slots in column order, -1 padded;
+        [R] int32 victims found = min(num_needed, eligible slots, max_victims)).
+        Slots of age 0 (touched this step) and padding are never chosen."""
+        num_rows = row_slots.shape[0]
+        device = row_slots.device
+        age = self.ages(row_slots.clamp_min(0)).long()  # [R, N] in 0..255
+        eligible = (row_slots >= 0) & (age > 0)
+        bucket = torch.where(eligible, age, torch.zeros_like(age))  # bucket 0 is never evicted
+        hist = torch.zeros(num_rows, NUM_BUCKETS + 1, dtype=torch.int64, device=device)
+        hist.scatter_add_(1, bucket, torch.ones_like(bucket))
+        hist[:, 0] = 0
+        # at_least[r, a] = eligible slots of row r with age >= a; column 256 stays 0
+        at_least = hist.flip(1).cumsum(1).flip(1)
+        need = torch.minimum(num_needed.long(), at_least[:, 1]).clamp(0, max_victims)
+        # cutoff bucket: the largest age a >= 1 with at_least[a] >= need (255 when need == 0)
+        cutoff = (at_least[:, 1:NUM_BUCKETS] >= need[:, None]).sum(1)  # [R] in 1..255
+        above = at_least.gather(1, (cutoff + 1)[:, None])  # [R, 1] slots older than the cutoff
+        in_cut = eligible & (age == cutoff[:, None])
+        rank_in_cut = in_cut.long().cumsum(1) - 1
+        take = (need[:, None] - above).clamp_min(0)
+        victim = eligible & ((age > cutoff[:, None]) | (in_cut & (rank_in_cut < take)))
+        pos = victim.long().cumsum(1) - 1
+        dump = torch.full_like(pos, max_victims)  # non-victims write into a spare column
+        out = torch.full((num_rows, max_victims + 1), PAD, dtype=torch.int32, device=device)
+        out.scatter_(1, torch.where(victim, pos, dump), row_slots.to(torch.int32))
+        return out[:, :max_victims].clone(), need.to(torch.int32)
+
+
+def assign_victims(
+    miss: torch.Tensor,  # [R, M] bool: which requested pages of the row missed
+    victims: torch.Tensor,  # [R, V] int32: select_victims output, -1 padded
+    num_victims: torch.Tensor,  # [R] int32: valid victims per row
+) -> torch.Tensor:
+    """[R, M] int32 destination HBM slot for each miss (the j-th miss takes the j-th victim);
+    -1 for hits and for misses beyond the victims found. Static shapes, no host sync."""
+    rank = miss.long().cumsum(1) - 1
+    ok = miss & (rank < num_victims[:, None].long())
+    idx = rank.clamp(0, max(victims.shape[1] - 1, 0))
+    picked = victims.gather(1, idx)
+    return torch.where(ok, picked, torch.full_like(picked, PAD))
+
+
+def select_victims_reference(
+    ages: list[int],  # age per HBM slot (already saturated at MAX_AGE)
+    row_slots: list[list[int]],  # per row, slot ids, -1 = padding
+    num_needed: list[int],
+    max_victims: int,
+) -> tuple[list[list[int]], list[int]]:
+    """Pure-Python reference of BucketedLRU.select_victims (sort-based, same tie rule)."""
+    out, found = [], []
+    for slots, k in zip(row_slots, num_needed, strict=True):
+        cand = [(-ages[s], col) for col, s in enumerate(slots) if s >= 0 and ages[s] > 0]
+        chosen = sorted(cols for _, cols in sorted(cand)[: max(0, min(k, max_victims))])
+        row = [slots[c] for c in chosen]
+        found.append(len(row))
+        out.append(row + [PAD] * (max_victims - len(row)))
+    return out, found
+
+
+class LRUReference:
+    """Step-counting model of BucketedLRU (true ages, saturated at MAX_AGE) for tests."""
+
+    def __init__(self, num_hbm_slots: int) -> None:
+        self.step = 0
+        self.last_touch = [None] * num_hbm_slots  # None = never touched / emptied
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def touch(self, slots: list[int]) -> None:
+        for s in slots:
+            self.last_touch[max(s, 0)] = self.step
+
+    def mark_empty(self, slots: list[int]) -> None:
+        for s in slots:
+            self.last_touch[max(s, 0)] = None
+
+    def ages(self) -> list[int]:
+        return [MAX_AGE if t is None else min(self.step - t, MAX_AGE) for t in self.last_touch]
