@@ -42,7 +42,7 @@ class LlamaModel:
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(T, cfg.num_heads, cfg.head_dim)
         k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim).contiguous()
         if cfg.qk_norm:
             q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)

@@ -39,8 +39,8 @@ def make_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     common = dict(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=256,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -50,7 +50,7 @@ def make_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
         pad_token_id=VOCAB - 1,
     )
     if kind == "llama":
-        cfg = tf.LlamaConfig(**common, head_dim=16)
+        cfg = tf.LlamaConfig(**common, head_dim=64)
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "llama3":
         rope = {
@@ -61,17 +61,17 @@ def make_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
-        cfg = tf.LlamaConfig(**common, head_dim=16, rope_parameters=rope)
+        cfg = tf.LlamaConfig(**common, head_dim=64, rope_parameters=rope)
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(**common, head_dim=16))
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, head_dim=64))
     elif kind == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
     elif kind == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=16))
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=64))
     elif kind == "tied":
         cfg = tf.LlamaConfig(
-            **{**common, "num_key_value_heads": 1}, head_dim=16, tie_word_embeddings=True
+            **{**common, "num_key_value_heads": 1}, head_dim=64, tie_word_embeddings=True
         )
         model = tf.LlamaForCausalLM(cfg)
     else:
@@ -79,7 +79,7 @@ def make_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
     with torch.no_grad():  # random init is small; make logits spread so argmax is decisive
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, 0.05)
     model.save_pretrained(out)
     make_tokenizer().save_pretrained(out)
     return out
