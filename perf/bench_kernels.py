@@ -232,6 +232,16 @@ def _paged_only(setup, fl: dict, cfg: td.DecodeConfig | None, splits: int | None
     return {"paged_ms": ms, "frac_of_copy_bw": kv_bytes / ms / 1e6 / fl["hbm_copy_gbps"]}
 
 
+SPLIT_SWEEP = (  # (batch, ctx, forced split counts) measured with the best tile config
+    (1, 4096, (1, 2, 4, 8, 16, 32)),
+    (8, 4096, (1, 2, 4, 8)),
+    (1, 32768, (16, 32, 64, 128)),
+    (64, 32768, (1, 2, 3, 4, 6, 8, 12)),
+    (64, 4096, (1, 2, 3, 4)),
+    (1, 131072, (32, 64, 128)),
+)
+
+
 def section_sweep(fl: dict, quick: bool) -> dict:
     """Decode tile configs and split counts at three shapes; the best config feeds `decode`."""
     global best_decode_config_
@@ -253,18 +263,36 @@ def section_sweep(fl: dict, quick: bool) -> dict:
             r.update(batch=batch, ctx=ctx, cfg=cfg.__dict__)
             rows.append(r)
             _print_row(r, ("batch", "ctx", "cfg", "paged_ms", "frac_of_copy_bw", "error"))
-        if (batch, ctx) == shapes[-1]:
-            best = max(
-                (c for c in score if len(score[c]) == len(shapes)), key=lambda c: sum(score[c])
-            )
-            for splits in (8, 16, 32, 64, 128):
-                r = _paged_only(setup, fl, best, splits)
-                r.update(batch=batch, ctx=ctx, cfg=best.__dict__, forced_splits=splits)
-                rows.append(r)
-                _print_row(r, ("batch", "ctx", "forced_splits", "paged_ms", "frac_of_copy_bw"))
-        del setup
+        setup = None
         torch.cuda.empty_cache()
+    best = max((c for c in score if len(score[c]) == len(shapes)), key=lambda c: sum(score[c]))
     best_decode_config_ = best
+    for batch, ctx, split_list in SPLIT_SWEEP:
+        setup = _paged_setup(batch, ctx)
+        heuristic = td.num_splits_for(batch * KV, setup[2][0][1].numel(), 16, setup[1].device)
+        for splits in split_list:
+            r = _paged_only(setup, fl, best, splits)
+            r.update(
+                batch=batch,
+                ctx=ctx,
+                cfg=best.__dict__,
+                forced_splits=splits,
+                heuristic_splits=heuristic,
+            )
+            rows.append(r)
+            _print_row(
+                r,
+                (
+                    "batch",
+                    "ctx",
+                    "forced_splits",
+                    "heuristic_splits",
+                    "paged_ms",
+                    "frac_of_copy_bw",
+                ),
+            )
+        setup = None
+        torch.cuda.empty_cache()
     return {
         "config": {"shapes": shapes, "page": 16, "dtype": "bf16"},
         "best": best.__dict__,

@@ -35,7 +35,9 @@ class DecodeConfig:
 
 
 def default_config(head_dim: int, page_size: int) -> DecodeConfig:
-    return DecodeConfig(block_n=max(64, page_size), num_warps=4, num_stages=3)
+    # H100 sweep (perf/results/kernels_sweep.json): 32-token tiles, 4 warps, 4 stages were best
+    # summed over B x ctx = 32 x 32K, 8 x 32K, 1 x 128K (d=128, P=16)
+    return DecodeConfig(block_n=max(32, page_size), num_warps=4, num_stages=4)
 
 
 def num_splits_for(num_rows: int, nnz_pages: int, page_size: int, device: torch.device) -> int:

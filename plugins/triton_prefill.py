@@ -35,8 +35,8 @@ class PrefillConfig:
 
 
 def default_config(head_dim: int, page_size: int) -> PrefillConfig:
-    if head_dim == 128:
-        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if head_dim == 128:  # best of the H100 sweep at 8K (perf/results/kernels_prefill.json)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
     return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 

@@ -145,19 +145,16 @@ def select_pages_torch(
     j = torch.arange(M, device=dev)
     valid = j[None, :] < counts[:, None]  # [R, M]
     flat = (starts[:, None] + j[None, :]).clamp(max=max(scores.numel() - 1, 0))
-    dense = torch.where(
-        valid,
-        scores[flat] if scores.numel() else flat.float(),
-        torch.tensor(float("-inf"), device=dev),
-    )
+    # python scalars, not torch.tensor(...): no host-to-device copy inside graph capture
+    dense = torch.where(valid, scores[flat] if scores.numel() else flat.float(), float("-inf"))
     static = valid & (
         (j[None, :] < num_sink_pages) | (j[None, :] >= counts[:, None] - num_window_pages)
     )
-    dense = torch.where(static, torch.tensor(float("inf"), device=dev), dense)
+    dense = dense.masked_fill(static, float("inf"))
     top_val, top_j = dense.topk(C, dim=1)
     taken = top_val > float("-inf")
     top_j = torch.where(taken, top_j, torch.full_like(top_j, M)).sort(dim=1).values
-    sel_count = torch.minimum(counts, torch.tensor(C, device=dev))  # [R]
+    sel_count = counts.clamp(max=C)  # [R]
     sel_indptr = torch.zeros(R + 1, dtype=torch.int64, device=dev)
     sel_indptr[1:] = torch.cumsum(sel_count, 0)
     rank = torch.arange(C, device=dev)[None, :]
