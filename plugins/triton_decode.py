@@ -23,7 +23,12 @@ except ImportError:  # pragma: no cover
     tl = None
 
 LOG2E = 1.4426950408889634
-MIN_TOKENS_PER_SPLIT = 512  # a split shorter than this costs more in the combine than it saves
+# Split-KV sizing (H100 sweep, perf/results/kernels_sweep.json): aim for about 11 programs per
+# SM (64 x 32K: 1 or 3 splits reach the copy floor, 2 splits only 90%), at most 64 splits (the
+# combine of 128 splits is slower than the time it saves), at least 128 tokens per split
+# (1 x 4K: 32 splits take 20 us, 8 splits 30 us).
+TARGET_PROGRAMS_PER_SM = 11
+MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
 
 
@@ -41,9 +46,9 @@ def default_config(head_dim: int, page_size: int) -> DecodeConfig:
 
 
 def num_splits_for(num_rows: int, nnz_pages: int, page_size: int, device: torch.device) -> int:
-    """Splits per row so that the grid fills the GPU (about 4 programs per SM)."""
+    """Splits per row so that the grid fills the GPU (shapes only: graph-safe)."""
     avg_tokens = max(1, nnz_pages * page_size // max(1, num_rows))
-    want = -(-4 * num_sms(device) // max(1, num_rows))
+    want = -(-TARGET_PROGRAMS_PER_SM * num_sms(device) // max(1, num_rows))
     cap = max(1, avg_tokens // MIN_TOKENS_PER_SPLIT)
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
