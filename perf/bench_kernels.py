@@ -276,12 +276,10 @@ def section_splits(fl: dict, quick: bool) -> dict:
 
 
 SPLIT_CHECK = (  # shapes where the split heuristic changed without a measurement
-    (8, 4096, (8, 16, 32)),
-    (32, 4096, (3, 6)),
-    (8, 32768, (9, 16)),
-    (32, 32768, (3, 4)),
-    (8, 131072, (9, 16)),
-    (32, 131072, (3, 4)),
+    (1, 4096, (16, 32)),
+    (8, 4096, (8, 9)),
+    (8, 32768, (9, 10)),
+    (8, 131072, (9, 10)),
 )
 
 

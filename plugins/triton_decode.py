@@ -11,6 +11,7 @@ and every program whose share of a row is empty exits after writing an empty par
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,13 @@ except ImportError:  # pragma: no cover
     tl = None
 
 LOG2E = 1.4426950408889634
-# Split-KV sizing (H100 sweep, perf/results/kernels_sweep.json): aim for about 11 programs per
-# SM (64 x 32K: 1 or 3 splits reach the copy floor, 2 splits only 90%), at most 64 splits (the
-# combine of 128 splits is slower than the time it saves), at least 128 tokens per split
-# (1 x 4K: 32 splits take 20 us, 8 splits 30 us).
-TARGET_PROGRAMS_PER_SM = 11
+# Split-KV sizing, from the H100 split sweeps (perf/results/kernels_sweep.json, _splits.json;
+# Llama-3.1-8B shape): about 580 programs (4.4 per SM) was best for 8..256 rows (1 x 128K: 64
+# splits; 8 x 32K: 9; 32 x 32K: 3); every grid of exactly 1024 programs ran 10-15% slow (64 x 2,
+# 256 x 4, 512 x 2 splits; cause not found), so even split counts are bumped to the next odd
+# one (512 rows: 3 splits reach the floor). At most 64 splits (128 made the combine slower than
+# it saves), at least 128 tokens per split (1 x 4K: 32 splits 20 us, 8 splits 30 us).
+TARGET_PROGRAMS_PER_SM = 4.4
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
 
@@ -48,7 +51,9 @@ def default_config(head_dim: int, page_size: int) -> DecodeConfig:
 def num_splits_for(num_rows: int, nnz_pages: int, page_size: int, device: torch.device) -> int:
     """Splits per row so that the grid fills the GPU (shapes only: graph-safe)."""
     avg_tokens = max(1, nnz_pages * page_size // max(1, num_rows))
-    want = -(-TARGET_PROGRAMS_PER_SM * num_sms(device) // max(1, num_rows))
+    want = math.ceil(TARGET_PROGRAMS_PER_SM * num_sms(device) / max(1, num_rows))
+    if want > 1 and want % 2 == 0:
+        want += 1
     cap = max(1, avg_tokens // MIN_TOKENS_PER_SPLIT)
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
