@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from spinserve.plugins import ops
 from spinserve.plugins import triton_decode as td
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GiB = 1 << 30
 DEV = "cuda"
@@ -362,6 +363,7 @@ def _git_sha() -> str:
 
 def main() -> None:
     import triton
+
     from spinserve.perf import bench_kernels_paging as more
 
     sections = {

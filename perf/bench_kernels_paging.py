@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from spinserve.perf.bench_kernels import (
     BF16,
     DEV,
@@ -21,9 +23,15 @@ from spinserve.perf.bench_kernels import (
 from spinserve.plugins import ops
 from spinserve.plugins import triton_decode as td
 from spinserve.plugins import triton_prefill as tp
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from spinserve.plugins import triton_select as tsel
 
 MiB = 1 << 20
+
+
+SCORE_SWEEP = [
+    tsel.ScoreConfig(*c)
+    for c in ((32, 2, 4), (32, 8, 4), (64, 4, 4), (64, 4, 8), (16, 8, 4), (128, 4, 8), (64, 16, 4))
+]
 
 
 # ---- sparse decode --------------------------------------------------------------------------
@@ -35,7 +43,7 @@ def section_sparse(fl: dict, quick: bool) -> dict:
     indptr, slots, last = paged_lists(batch, ctx, page, num_slots, 1)[0]
     q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
     scale = D**-0.5
-    rows = []
+    rows, sweeps = [], []
     dense_ms = time_ms(
         [lambda: td.paged_decode_attention_triton(q, pool, indptr, slots, last, scale)]
     )
@@ -45,8 +53,18 @@ def section_sparse(fl: dict, quick: bool) -> dict:
         mn = torch.randn(num_slots, D, device=DEV).to(table_dtype)
         mx = (mn.float() + torch.rand(num_slots, D, device=DEV)).to(table_dtype)
 
+        sweep = []
+        for cfg in SCORE_SWEEP:
+            ms = time_ms(
+                [lambda: tsel.score_pages_triton(q, indptr, slots, last, mn, mx, mn, page, 0, cfg)]
+            )
+            sweep.append({"table_dtype": str(table_dtype), "cfg": cfg.__dict__, "score_ms": ms})
+            _print_row(sweep[-1], ("table_dtype", "cfg", "score_ms"))
+        sweeps += sweep
+        best = tsel.ScoreConfig(**min(sweep, key=lambda r: r["score_ms"])["cfg"])
+
         def score():
-            return ops.score_pages(q, indptr, slots, last, mn, mx, mn, page, ops.ScoreMode.QUEST)
+            return tsel.score_pages_triton(q, indptr, slots, last, mn, mx, mn, page, 0, best)
 
         scores = score()
 
@@ -62,16 +80,25 @@ def section_sparse(fl: dict, quick: bool) -> dict:
             return ops.sparse_decode_attention(q, pool, ip, sel, last, scale)
 
         def step():
-            s = score()
+            s = score()  # Triton launcher with the sweep's best config (the op: default)
             ip2, pos = ops.select_pages(
                 s, indptr, sink_pages, window_pages, budget_pages, ctx // page
             )
             return ops.sparse_decode_attention(q, pool, ip2, slots[pos.long()], last, scale)
 
+        t_ip, t_pos = tsel.select_pages_torch(
+            scores, indptr, sink_pages, window_pages, budget_pages, ctx // page
+        )
+        ip_k, pos_k = ops.select_pages(
+            scores, indptr, sink_pages, window_pages, budget_pages, ctx // page
+        )
+        select_matches_torch = bool(torch.equal(t_ip, ip_k) and torch.equal(t_pos, pos_k))
         sel_pages = budget_pages + sink_pages + window_pages
         table_bytes = 2 * slots.numel() * D * mn.element_size()
         sel_bytes = batch * KV * sel_pages * page * D * 4
         r = {
+            "score_cfg": best.__dict__,
+            "select_matches_torch_topk": select_matches_torch,
             "table_dtype": str(table_dtype).replace("torch.", ""),
             "batch": batch,
             "ctx": ctx,
@@ -114,6 +141,7 @@ def section_sparse(fl: dict, quick: bool) -> dict:
         "targets": {"dense_over_sparse (batch 32)": 10.0},
         "peers_not_run": {"flex_attention": "not measured in this run"},
         "rows": rows,
+        "score_sweep": sweeps,
     }
 
 

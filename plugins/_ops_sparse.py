@@ -14,9 +14,15 @@ import torch
 
 from . import _validate as V
 from . import reference as ref
-from ._triton_util import use_triton
+from ._triton_util import next_pow2, use_triton
 from .triton_paging import copy_pages_triton
-from .triton_select import ScoreMode, score_pages_triton, select_pages_torch
+from .triton_select import (
+    SELECT_MAX_BLOCK,
+    ScoreMode,
+    score_pages_triton,
+    select_pages_torch,
+    select_pages_triton,
+)
 
 
 def _check_score(
@@ -100,9 +106,10 @@ def _select_op(
     budget_pages: int,
     max_pages_per_row: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return select_pages_torch(
-        scores, page_indptr, num_sink_pages, num_window_pages, budget_pages, max_pages_per_row
-    )
+    args = (scores, page_indptr, num_sink_pages, num_window_pages, budget_pages, max_pages_per_row)
+    if use_triton(scores) and next_pow2(max_pages_per_row) <= SELECT_MAX_BLOCK:
+        return select_pages_triton(*args)
+    return select_pages_torch(*args)
 
 
 @_select_op.register_fake

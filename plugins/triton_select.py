@@ -1,4 +1,4 @@
-"""Page scoring (Triton) and top-k page selection (torch, graph-capturable) for sparse decode.
+"""Page scoring and top-k page selection in Triton (torch fallback for select) for sparse decode.
 
 score_pages: for every page listed in a row's CSR (row = request * kv_head), a score for the
 row's GQA group of queries, the maximum over the group's heads of
@@ -13,6 +13,7 @@ positions into the scored list, in token order, so the tail page stays last.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 
@@ -22,8 +23,6 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover
     tl = None
-
-SCORE_BLOCK_PAGES = 32
 
 
 class ScoreMode(enum.IntEnum):
@@ -81,6 +80,16 @@ def _score_kernel(
 score_kernel = lazy_jit(_score_kernel)
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    block_pages: int  # pages scored per loop step
+    programs_per_sm: int  # grid = rows x (programs_per_sm * SMs / rows), each strides its row
+    num_warps: int
+
+
+DEFAULT_SCORE_CONFIG = ScoreConfig(block_pages=32, programs_per_sm=2, num_warps=4)
+
+
 def score_pages_triton(
     q: torch.Tensor,
     page_indptr: torch.Tensor,
@@ -91,15 +100,17 @@ def score_pages_triton(
     page_sum: torch.Tensor,
     page_size: int,
     mode: int,
+    config: ScoreConfig | None = None,
 ) -> torch.Tensor:
+    cfg = config or DEFAULT_SCORE_CONFIG
     B, Hq, D = q.shape
     rows = page_indptr.numel() - 1
     num_kv_heads = rows // B
     out = torch.empty(page_rows.numel(), dtype=torch.float32, device=q.device)
     if rows == 0 or page_rows.numel() == 0:
         return out
-    avg_blocks = -(-page_rows.numel() // (rows * SCORE_BLOCK_PAGES))
-    nprog = max(1, min(avg_blocks, -(-2 * num_sms(q.device) // rows)))
+    avg_blocks = -(-page_rows.numel() // (rows * cfg.block_pages))
+    nprog = max(1, min(avg_blocks, -(-cfg.programs_per_sm * num_sms(q.device) // rows)))
     nprog = next_pow2(nprog)
     score_kernel[(rows, nprog)](
         q,
@@ -115,9 +126,9 @@ def score_pages_triton(
         HEAD_DIM=D,
         PAGE=page_size,
         MODE=int(mode),
-        BLOCK_P=SCORE_BLOCK_PAGES,
+        BLOCK_P=cfg.block_pages,
         NUM_PROGS=nprog,
-        num_warps=4,
+        num_warps=cfg.num_warps,
     )
     return out
 
@@ -163,3 +174,85 @@ def select_pages_torch(
     sel_pos = torch.zeros(R * C + 1, dtype=torch.int32, device=dev)
     sel_pos.scatter_(0, dest.reshape(-1), (starts[:, None] + top_j).to(torch.int32).reshape(-1))
     return sel_indptr.to(torch.int32), sel_pos[: R * C]
+
+
+SELECT_MAX_BLOCK = 16384  # pages per row one select program holds; longer rows use torch
+
+
+def _select_kernel(
+    scores_ptr,
+    indptr_ptr,
+    out_indptr_ptr,
+    sel_pos_ptr,
+    SINK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    BUDGET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per row: the BUDGET-th largest candidate score is found by bisection over
+    order-preserving int32 keys (32 counting passes over the row held in registers); pages above
+    it, ties in index order, and the static pages are written in ascending order."""
+    r = tl.program_id(0)
+    start = tl.load(indptr_ptr + r)
+    n = tl.load(indptr_ptr + r + 1) - start
+    j = tl.arange(0, BLOCK)
+    valid = j < n
+    static = valid & ((j < SINK) | (j >= n - WINDOW))
+    cand = valid & ~static
+    s = tl.load(scores_ptr + start + j, mask=cand, other=0.0)
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(cand, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648).to(tl.int64)
+    lo = tl.full([], -2147483648, tl.int64)  # invariant: count(key >= lo) >= BUDGET
+    hi = tl.full([], 2147483647, tl.int64)
+    num_cand = tl.sum(cand.to(tl.int32), 0)
+    if num_cand > BUDGET:
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            enough = tl.sum((key >= mid).to(tl.int32), 0) >= BUDGET
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        above = cand & (key > lo)
+        ties = cand & (key == lo)
+        need = BUDGET - tl.sum(above.to(tl.int32), 0)
+        take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
+    else:
+        take = cand
+    sel = static | take
+    rank = tl.cumsum(sel.to(tl.int32), 0) - 1
+    out = tl.load(out_indptr_ptr + r) + rank
+    tl.store(sel_pos_ptr + out, start + j, mask=sel)
+
+
+select_kernel = lazy_jit(_select_kernel)
+
+
+def select_pages_triton(
+    scores: torch.Tensor,
+    page_indptr: torch.Tensor,
+    num_sink_pages: int,
+    num_window_pages: int,
+    budget_pages: int,
+    max_pages_per_row: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as select_pages_torch, one launch (rows up to SELECT_MAX_BLOCK pages)."""
+    R = page_indptr.numel() - 1
+    C = min(num_sink_pages + num_window_pages + budget_pages, max(1, max_pages_per_row))
+    counts = (page_indptr[1:] - page_indptr[:-1]).clamp(max=C)
+    sel_indptr = torch.zeros(R + 1, dtype=torch.int32, device=scores.device)
+    sel_indptr[1:] = torch.cumsum(counts, 0)
+    sel_pos = torch.zeros(R * C, dtype=torch.int32, device=scores.device)
+    if R == 0:
+        return sel_indptr, sel_pos
+    block = max(16, next_pow2(max_pages_per_row))
+    select_kernel[(R,)](
+        scores,
+        page_indptr,
+        sel_indptr,
+        sel_pos,
+        SINK=num_sink_pages,
+        WINDOW=num_window_pages,
+        BUDGET=budget_pages,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+    )
+    return sel_indptr, sel_pos

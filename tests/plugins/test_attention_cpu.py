@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from spin_plugin_cases import make_paged, rel_err
+
 from spinserve.plugins import ops
 from spinserve.plugins import reference as ref
 from spinserve.plugins.triton_decode import paged_decode_attention_triton

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 from spin_plugin_cases import make_paged, rel_err
+
 from spinserve.plugins import ops
 from spinserve.plugins import reference as ref
 from spinserve.plugins._validate import UnsupportedInputError
+from spinserve.plugins.triton_select import select_pages_torch
 
 pytestmark = pytest.mark.usefixtures("interpret")
 I32 = torch.int32
@@ -93,14 +95,19 @@ def test_score_pages(mode):
     torch.testing.assert_close(got, ref.score_pages_ref(*args), rtol=1e-4, atol=1e-4)
 
 
-def test_select_pages_matches_reference():
-    indptr = torch.tensor([0, 20, 23, 23 + 9], dtype=I32)
-    scores = torch.randn(32)
-    sel_indptr, sel_pos = ops.select_pages(scores, indptr, 2, 3, 4, max_pages_per_row=20)
+@pytest.mark.parametrize("impl", ["op", "torch"])
+def test_select_pages_matches_reference(impl):
+    indptr = torch.tensor([0, 20, 23, 32, 32 + 40], dtype=I32)  # rows of 20, 3, 9, 40 pages
+    scores = torch.randn(72)
+    scores[40:50] = -scores[40:50].abs()  # negative scores order correctly too
+    scores[60:64] = 0.5  # ties: lower page index wins
+    select = ops.select_pages if impl == "op" else select_pages_torch
+    sel_indptr, sel_pos = select(scores, indptr, 2, 3, 4, 40)
     want = ref.select_pages_ref(scores, indptr, 2, 3, 4)
-    got = [sel_pos[sel_indptr[r] : sel_indptr[r + 1]].tolist() for r in range(3)]
+    got = [sel_pos[sel_indptr[r] : sel_indptr[r + 1]].tolist() for r in range(4)]
     assert got == want
-    assert sel_indptr.tolist() == [0, 9, 12, 21]
+    assert sel_indptr.tolist() == [0, 9, 12, 21, 30]
+    assert not sel_pos[30:].any()  # padding
 
 
 def test_sparse_all_selected_equals_dense_and_subset_equals_reference():
