@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from spinserve.configs.settings import DType, Settings, load_settings, resolve_device
 from spinserve.engines.errors import EngineError
 from spinserve.engines.loader import load_tokenizer, load_weights
 from spinserve.engines.manifest import Manifest, read_manifest
-from spinserve.runtime.batch import ForwardMode
-from spinserve.runtime.model_runner import ModelRunner, kv_bytes_per_slot
+from spinserve.runtime.batch import ForwardMode, SparseDecode
+from spinserve.runtime.model_runner import DENSE, ModelRunner, kv_bytes_per_slot
 from spinserve.runtime.sampling import SamplerState, SamplingParams, sample
+from spinserve.runtime.sparse import SparseParams
 
 from .kv_manager import BatchItem, PagedKVManager
 from .request import FinishReason, Request, RequestStatus
@@ -83,7 +85,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.engine_dir)
         weights = load_weights(self.engine_dir, manifest, self.device, self.dtype)
         num_slots = _num_slots(manifest, settings, self.device, self.dtype, self.page_size)
-        self.runner = ModelRunner(cfg, weights, self.page_size, num_slots)
+        max_requests = settings.engine.max_running_requests
+        sparse = SparseParams(budget_tokens=settings.sparse.budget_tokens)
+        self.runner = ModelRunner(cfg, weights, self.page_size, num_slots, max_requests, sparse)
+        self.default_algorithm = settings.sparse.algorithm
+        self.algorithm_for(self.default_algorithm)  # unknown name / wrong page size: fail now
+        # request rows of the sparse index states; a request holds one from the end of its
+        # prefill until it finishes or is preempted
+        self._free_req_slots = list(range(max_requests - 1, -1, -1))
+        self._req_slot: dict[str, int] = {}
         self.kv = PagedKVManager(cfg.num_layers, cfg.num_kv_heads, self.page_size, num_slots)
         self.scheduler = Scheduler(settings.engine, self.kv)
         self.eos_ids = set(cfg.eos_token_ids)
@@ -118,16 +128,47 @@ class LLMEngine:
                 f"holds ({self.kv.capacity_pages * self.page_size} tokens): raise "
                 "cache.kv_cache_tokens or shorten the prompt"
             )
+        self.algorithm_for(params.sparse_algorithm or self.default_algorithm)
         sampler = SamplerState.create(params, torch.device(self.device))
         req = Request(request_id, list(prompt_ids), params, sampler, next(self._arrival))
         self._requests[request_id] = req
         self.scheduler.add(req)
+
+    def algorithm_for(self, name: str) -> str:
+        """Check that a sparse algorithm exists and suits this engine (RequestError if not)."""
+        if name != DENSE:
+            try:
+                self.runner.planner(name)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        return name
+
+    def _algorithm(self, req: Request) -> str:
+        return req.params.sparse_algorithm or self.default_algorithm
+
+    def _release_index(self, req: Request) -> None:
+        slot = self._req_slot.pop(req.request_id, None)
+        if slot is not None:
+            self.runner.release(self._algorithm(req), slot)
+            self._free_req_slots.append(slot)
+
+    def _index_prefill(self, req: Request) -> None:
+        """A request finished its prefill: index its keys for its sparse algorithm."""
+        algorithm = self._algorithm(req)
+        if algorithm == DENSE:
+            return
+        slot = self._req_slot.get(req.request_id)
+        if slot is None:
+            slot = self._req_slot[req.request_id] = self._free_req_slots.pop()
+        table = torch.as_tensor(self.kv.request_table(req.request_id)).to(self.device)
+        self.runner.index_prefill(algorithm, slot, table, req.num_cached_tokens)
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.remove(req)
+        self._release_index(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
         return True
 
@@ -151,6 +192,8 @@ class LLMEngine:
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        for req in sched.preempted:
+            self._release_index(req)
         new_tokens: dict[str, int] = {}
         if sched.prefill:
             items = [
@@ -165,21 +208,42 @@ class LLMEngine:
             done = []
             for row, (req, n) in enumerate(sched.prefill):
                 req.num_cached_tokens += n
-                if not req.in_prefill and not req.output_ids:
-                    done.append((row, req))
+                if not req.in_prefill:
+                    self._index_prefill(req)
+                    if not req.output_ids:
+                        done.append((row, req))
             if done:
                 ids = sample(logits[[row for row, _ in done]], [r.sampler for _, r in done])
                 new_tokens.update({r.request_id: t for (_, r), t in zip(done, ids)})
-        if sched.decode:
-            items = [
-                BatchItem(r.request_id, r.num_tokens - 1, [r.all_ids[-1]]) for r in sched.decode
-            ]
-            logits = self._forward(ForwardMode.DECODE, items)
-            for req in sched.decode:
-                req.num_cached_tokens = req.num_tokens
-            ids = sample(logits, [r.sampler for r in sched.decode])
-            new_tokens.update({r.request_id: t for r, t in zip(sched.decode, ids)})
+        groups: dict[str, list[Request]] = {}
+        for req in sched.decode:
+            groups.setdefault(self._algorithm(req), []).append(req)
+        for algorithm, reqs in groups.items():
+            new_tokens.update(self._decode(algorithm, reqs))
         return [self._append(self._requests[rid], tok) for rid, tok in new_tokens.items()]
+
+    def _decode(self, algorithm: str, reqs: list[Request]) -> dict[str, int]:
+        items = [BatchItem(r.request_id, r.num_tokens - 1, [r.all_ids[-1]]) for r in reqs]
+        batch = self.kv.build_batch(ForwardMode.DECODE, items, self.device)
+        if algorithm != DENSE:
+            default = self.settings.sparse.budget_tokens
+            budgets = [r.params.sparse_budget_tokens or default for r in reqs]
+            ids = [r.request_id for r in reqs]
+            batch.sparse = SparseDecode(
+                algorithm=algorithm,
+                req_slots=self._tensor([self._req_slot[r.request_id] for r in reqs]),
+                seq_lens=self._tensor([r.num_tokens for r in reqs]),
+                page_table=torch.as_tensor(self.kv.batch_table(ids)).to(self.device),
+                budget_tokens=self._tensor(budgets),
+            )
+        logits = self.runner.forward(batch)
+        for req in reqs:
+            req.num_cached_tokens = req.num_tokens
+        ids = sample(logits, [r.sampler for r in reqs])
+        return {r.request_id: t for r, t in zip(reqs, ids)}
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def _forward(self, mode: ForwardMode, items: list[BatchItem]) -> torch.Tensor:
         batch = self.kv.build_batch(mode, items, self.device)
@@ -223,6 +287,7 @@ class LLMEngine:
         )
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         self.scheduler.remove(req)
+        self._release_index(req)
         del self._requests[req.request_id]
 
     # ---- offline --------------------------------------------------------------------------

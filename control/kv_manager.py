@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from spinserve.runtime.batch import ForwardBatch, ForwardMode
 
 from .slot_allocator import SlotAllocator
@@ -94,6 +95,19 @@ class PagedKVManager:
                 f"KV slots leaked: {owned_all.size} owned + {self.allocator.num_free} free "
                 f"!= {self.allocator.capacity}"
             )
+
+    def request_table(self, request_id: str) -> np.ndarray:
+        """[L, KV, num_pages] int32 pool slots of one request."""
+        n = self._num_pages[request_id]
+        return self._tables[request_id][:, :n].reshape(self.num_layers, self.num_kv_heads, n)
+
+    def batch_table(self, request_ids: list[str]) -> np.ndarray:
+        """[L, B, KV, N] int32 pool slots, N = most pages in the batch, 0 (dummy) padded."""
+        n_max = max(self._num_pages[r] for r in request_ids)
+        out = np.zeros((self.num_layers, len(request_ids), self.num_kv_heads, n_max), np.int32)
+        for b, r in enumerate(request_ids):
+            out[:, b, :, : self._num_pages[r]] = self.request_table(r)
+        return out
 
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
         """Tables -> ForwardBatch tensors (the items' pages must already be ensured)."""

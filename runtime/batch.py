@@ -19,6 +19,17 @@ class ForwardMode(enum.Enum):
 
 
 @dataclass
+class SparseDecode:
+    """Inputs of page-sparse decode: the algorithm selects each row's pages per layer."""
+
+    algorithm: str  # registry name (runtime/sparse), one per forward
+    req_slots: torch.Tensor  # [B] int64, the requests' rows in the algorithm's index state
+    seq_lens: torch.Tensor  # [B] int64, context length including the new token
+    page_table: torch.Tensor  # [L, B, KV, N] int32, pool slot of logical page j (0 = padding)
+    budget_tokens: torch.Tensor  # [B] int64, dynamic-page budget of each request
+
+
+@dataclass
 class ForwardBatch:
     mode: ForwardMode
     input_ids: torch.Tensor  # [T] int64, tokens of all requests concatenated
@@ -30,6 +41,7 @@ class ForwardBatch:
     kv_slots: torch.Tensor  # [L, nnz] int32, pool slots of each row's pages, per layer
     kv_last_page_len: torch.Tensor  # [B * KV] int32, valid tokens in each row's last page
     logits_indices: torch.Tensor  # [N] int64, tokens whose logits are returned
+    sparse: SparseDecode | None = None  # DECODE only: select pages instead of reading all
 
     @property
     def num_tokens(self) -> int:

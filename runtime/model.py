@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from spinserve.configs.model import ModelConfig
 from spinserve.plugins import ops
 
 from .batch import ForwardBatch, ForwardMode
 from .rope import apply_rope, cos_sin, inv_frequencies
+from .sparse.planner import SparsePlanner
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,7 +36,14 @@ class LlamaModel:
         self.sm_scale = cfg.head_dim**-0.5
 
     def _attention(
-        self, layer: int, x: torch.Tensor, batch: ForwardBatch, kv_pool: torch.Tensor, cos, sin
+        self,
+        layer: int,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        kv_pool: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        planner: SparsePlanner | None,
     ) -> torch.Tensor:
         cfg, w, p = self.cfg, self.w, f"layers.{layer}."
         T = x.shape[0]
@@ -50,9 +59,19 @@ class LlamaModel:
         ops.append_kv(kv_pool, k, v, batch.append_slots[layer], batch.append_offsets)
         kv_slots = batch.kv_slots[layer]
         if batch.mode is ForwardMode.DECODE:
-            o = ops.paged_decode_attention(
-                q, kv_pool, batch.kv_indptr, kv_slots, batch.kv_last_page_len, self.sm_scale
-            )
+            indptr, last_len = batch.kv_indptr, batch.kv_last_page_len
+            if batch.sparse is not None:
+                sp = batch.sparse
+                indptr, kv_slots, last_len = planner.plan_decode(
+                    layer,
+                    q,
+                    k,
+                    sp.req_slots,
+                    sp.seq_lens,
+                    sp.page_table[layer],
+                    sp.budget_tokens,
+                )
+            o = ops.paged_decode_attention(q, kv_pool, indptr, kv_slots, last_len, self.sm_scale)
         else:
             o = ops.paged_prefill_attention(
                 q,
@@ -71,15 +90,18 @@ class LlamaModel:
         return F.linear(F.silu(gate) * up, self.w[p + "down_proj.weight"])
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits [len(batch.logits_indices), vocab]."""
+    def forward(
+        self, batch: ForwardBatch, kv_pool: torch.Tensor, planner: SparsePlanner | None = None
+    ) -> torch.Tensor:
+        """Returns float32 logits [len(batch.logits_indices), vocab]. A batch with `sparse`
+        inputs needs the planner of its algorithm."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.w["embed_tokens.weight"])
         cos, sin = cos_sin(self.inv_freq, batch.positions, self.dtype)
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             h = rms_norm(x, self.w[p + "input_norm.weight"], eps)
-            x = x + self._attention(i, h, batch, kv_pool, cos, sin)
+            x = x + self._attention(i, h, batch, kv_pool, cos, sin, planner)
             h = rms_norm(x, self.w[p + "post_attention_norm.weight"], eps)
             x = x + self._mlp(i, h)
         x = rms_norm(x[batch.logits_indices], self.w["norm.weight"], eps)
