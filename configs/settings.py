@@ -41,6 +41,7 @@ class EngineSettings(BaseModel):
     max_batched_tokens: int = Field(2048, ge=16, description="prefill + decode tokens per step")
     prefill_chunk_tokens: int = Field(512, ge=8, description="longest prefill chunk per request")
     max_context: int | None = Field(None, ge=16, description="cap below the model's own")
+    cuda_graphs: bool = Field(True, description="replay decode as CUDA graphs (CUDA only)")
 
 
 class CacheSettings(BaseModel):

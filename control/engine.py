@@ -88,6 +88,8 @@ class LLMEngine:
         max_requests = settings.engine.max_running_requests
         sparse = SparseParams(budget_tokens=settings.sparse.budget_tokens)
         self.runner = ModelRunner(cfg, weights, self.page_size, num_slots, max_requests, sparse)
+        if self.device == "cuda" and settings.engine.cuda_graphs:
+            self.runner.capture_decode_graphs(max_requests, self.max_context)
         self.default_algorithm = settings.sparse.algorithm
         self.algorithm_for(self.default_algorithm)  # unknown name / wrong page size: fail now
         # request rows of the sparse index states; a request holds one from the end of its

@@ -8,6 +8,7 @@ import torch
 from spinserve.configs.model import ModelConfig
 
 from .batch import ForwardBatch
+from .cuda_graph import DecodeGraphRunner
 from .model import LlamaModel
 from .sparse import SparseParams, create_algorithm
 from .sparse.planner import SparsePlanner
@@ -41,6 +42,7 @@ class ModelRunner:
             num_slots, 2, page_size, cfg.head_dim, dtype=self.dtype, device=self.device
         )
         self._planners: dict[str, SparsePlanner] = {}
+        self.graphs: DecodeGraphRunner | None = None
 
     def planner(self, algorithm: str) -> SparsePlanner:
         """The planner of a sparse algorithm, created on first use (ValueError: unknown name or
@@ -70,7 +72,26 @@ class ModelRunner:
         if algorithm in self._planners:
             self._planners[algorithm].release(req_slot)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), vocab]."""
+    def capture_decode_graphs(self, max_batch: int, max_context: int) -> None:
+        """Capture dense decode graphs for batches up to max_batch and contexts up to
+        max_context tokens (CUDA only)."""
+        max_pages = -(-max_context // self.page_size)
+        self.graphs = DecodeGraphRunner(
+            self._eager_forward,
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            max_batch,
+            max_pages,
+            self.device,
+        )
+        self.graphs.capture()
+
+    def _eager_forward(self, batch: ForwardBatch) -> torch.Tensor:
         planner = self.planner(batch.sparse.algorithm) if batch.sparse is not None else None
         return self.model.forward(batch, self.kv_pool, planner)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits [len(batch.logits_indices), vocab]."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self._eager_forward(batch)
