@@ -284,6 +284,7 @@ class SparseAlgorithm(ABC):
         budget = self.params.budget_tokens if budget_tokens is None else budget_tokens
         budget = torch.as_tensor(budget, dtype=torch.long, device=seq_lens.device).expand(B)
         n = int(num_pages_of(seq_lens, P).max())
+        self.reserve(state, n)  # slices [:, :, :n] of the buffers must exist
         valid = valid_page_mask(seq_lens, P, n)
         static = self.static_mask(seq_lens, budget, n)
         dyn = self._dynamic_mask(state, query, req_slots.long(), seq_lens, budget // P, static)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from spinserve.plugins.reference import paged_decode_attention_ref
 from spinserve.runtime.sparse import (
     SparseAlgorithm,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from spinserve.runtime.sparse import SparseParams, create_algorithm
 
 KV, HQ, D = 2, 6, 32
