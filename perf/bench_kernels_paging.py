@@ -48,23 +48,38 @@ def section_sparse(fl: dict, quick: bool) -> dict:
         [lambda: td.paged_decode_attention_triton(q, pool, indptr, slots, last, scale)]
     )
     kv_bytes = batch * ctx * KV * D * 4
-    for table_dtype in (BF16, torch.float32):
-        # random Quest tables (speed does not depend on how they were built); row = pool slot
+    logical_rows = torch.arange(slots.numel(), dtype=I32, device=DEV)
+    for table_dtype, layout in ((BF16, "logical"), (BF16, "slot"), (torch.float32, "logical")):
+        # random Quest tables (speed does not depend on how they were built). Summary row of a
+        # page: "logical" = its CSR position (tables laid out per request/head in page order, as
+        # append_kv's summary_rows allow); "slot" = its random HBM slot (scattered 256 B reads)
+        page_rows = logical_rows if layout == "logical" else slots
         mn = torch.randn(num_slots, D, device=DEV).to(table_dtype)
         mx = (mn.float() + torch.rand(num_slots, D, device=DEV)).to(table_dtype)
 
         sweep = []
         for cfg in SCORE_SWEEP:
             ms = time_ms(
-                [lambda: tsel.score_pages_triton(q, indptr, slots, last, mn, mx, mn, page, 0, cfg)]
+                [
+                    lambda: tsel.score_pages_triton(
+                        q, indptr, page_rows, last, mn, mx, mn, page, 0, cfg
+                    )
+                ]
             )
-            sweep.append({"table_dtype": str(table_dtype), "cfg": cfg.__dict__, "score_ms": ms})
-            _print_row(sweep[-1], ("table_dtype", "cfg", "score_ms"))
+            sweep.append(
+                {
+                    "table_dtype": str(table_dtype),
+                    "layout": layout,
+                    "cfg": cfg.__dict__,
+                    "score_ms": ms,
+                }
+            )
+            _print_row(sweep[-1], ("table_dtype", "layout", "cfg", "score_ms"))
         sweeps += sweep
         best = tsel.ScoreConfig(**min(sweep, key=lambda r: r["score_ms"])["cfg"])
 
         def score():
-            return tsel.score_pages_triton(q, indptr, slots, last, mn, mx, mn, page, 0, best)
+            return tsel.score_pages_triton(q, indptr, page_rows, last, mn, mx, mn, page, 0, best)
 
         scores = score()
 
@@ -98,6 +113,7 @@ def section_sparse(fl: dict, quick: bool) -> dict:
         sel_bytes = batch * KV * sel_pages * page * D * 4
         r = {
             "score_cfg": best.__dict__,
+            "summary_rows": layout,
             "select_matches_torch_topk": select_matches_torch,
             "table_dtype": str(table_dtype).replace("torch.", ""),
             "batch": batch,
@@ -118,7 +134,7 @@ def section_sparse(fl: dict, quick: bool) -> dict:
             r,
             (
                 "table_dtype",
-                "batch",
+                "summary_rows",
                 "dense_ms",
                 "sparse_step_ms",
                 "score_ms",
