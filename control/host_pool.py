@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator
 
 

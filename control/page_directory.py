@@ -14,12 +14,18 @@ more than the KV itself at long contexts. Here:
 Segments come from a pool (segment 0 = the dummy segment, all entries 0 = the dummy slots) as a
 request's context grows and go back when it ends, so table bytes follow the live context.
 
-Data flow per step: the control plane mutates the CPU copies (numpy, numba for ragged loops)
-and records the flat indices it touched; `flush()` packs (index, value) pairs into one pinned
-staging buffer, makes ONE non-blocking copy to the device and scatters them into the device
-mirror `meta_gpu` = [dir | hbm_l2 | spare] int32. The device copy of hbm_l2 is also changed by
-the decode graph (misses installed, victims evicted); the control plane only writes entries of
-pages it just created, of fresh segments, and clears entries of HBM slots it took back.
+  reverse  `slot_entry` [num_hbm_slots] int32: flat index (into meta) of the hbm_l2 entry each
+                      HBM slot holds, -1 = none. The decode graph needs it to evict a victim.
+All three int32 tables form one flat array `meta` = [dir | hbm_l2 | slot_entry | spare], kept on
+the CPU (`meta_cpu`) and mirrored on the device (`meta_gpu`).
+
+Data flow per step: the control plane mutates `meta_cpu` (numpy, numba for ragged loops) and
+records the indices it touched; `flush()` packs (index, value) pairs plus the HBM slots it
+re-pointed or took back into one pinned staging buffer, makes ONE non-blocking copy, clears on
+the device the entries those slots held there, then scatters the pairs. The decode graph also
+changes the device copy (installs a miss of entry e into victim v: meta[slot_entry[v]] = -1,
+meta[e] = v, slot_entry[v] = e); the control plane only writes entries of pages it creates, of
+fresh segments and of slots it re-points, so neither side clobbers the other.
 
 Ownership (checked by `check_integrity`): each HBM slot in use is owned by one request
 (`hbm_owner`); each host slot in use is referenced by exactly one host entry of a live request;
@@ -33,8 +39,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
+
 from spinserve.control.host_pool import MappedHostBuffer
-from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator
+from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator, duplicates
 
 NONE = -1  # "no segment" / "no slot" in every table
 _ENTRY_BYTES = 4  # int32
@@ -54,7 +61,7 @@ class DirectoryConfig:
                 raise ValueError(f"DirectoryConfig.{name} must be >= 1")
         if self.num_segments < 2:
             raise ValueError("DirectoryConfig.num_segments must be >= 2 (segment 0 is the dummy)")
-        if self.dir_size + self.l2_size >= 2**31:
+        if self.dir_size + self.l2_size >= 2**30:
             raise ValueError("page tables exceed int32 indexing: use fewer/smaller segments")
 
     @property
@@ -116,8 +123,11 @@ class PageDirectory:
             name="page-table segments",
             remedy="Raise num_segments (level-2 pool) or admit fewer/shorter requests",
         )
-        # [dir_size + l2_size + 1] int32: flat CPU copy: dir | hbm_l2 | one spare entry
-        self.meta_cpu = np.full(c.dir_size + c.l2_size + 1, NONE, dtype=np.int32)
+        self.l2_offset = c.dir_size  # hbm_l2 entry (seg, s, lh) is meta[l2_offset + ...]
+        self.rev_offset = c.dir_size + c.l2_size  # slot_entry[slot] is meta[rev_offset + slot]
+        self.spare = self.rev_offset + hbm_slots.num_slots  # a write target for padding
+        # [spare + 1] int32: dir | hbm_l2 | slot_entry | spare (layout in the module docstring)
+        self.meta_cpu = np.full(self.spare + 1, NONE, dtype=np.int32)
         # [max_requests, max_segments] int32: segment id, -1 = none
         self.dir_cpu = self.meta_cpu[: c.dir_size].reshape(c.max_requests, c.max_segments)
         # [num_segments, S, LH] int32: HBM slot per page entry, -1 = not resident
@@ -131,17 +141,18 @@ class PageDirectory:
         self.active = np.zeros(c.max_requests, dtype=bool)
         # [hbm_slots.num_slots] int32: request slot owning each HBM slot, -1 = none
         self.hbm_owner = np.full(hbm_slots.num_slots, NONE, dtype=np.int32)
-        # [hbm_slots.num_slots] int64: flat meta index of the CPU entry holding each slot, -1 = none
-        self.hbm_entry = np.full(hbm_slots.num_slots, NONE, dtype=np.int64)
+        # [hbm_slots.num_slots] int32: meta index of the hbm_l2 entry holding each slot, -1 = none
+        self.slot_entry_cpu = self.meta_cpu[self.rev_offset : self.spare]
         self._init_host_table(use_cuda)
-        # [dir_size + l2_size + 1] int32 on device: mirror of meta_cpu
+        # [spare + 1] int32 on device: mirror of meta_cpu (same layout)
         self.meta_gpu = torch.from_numpy(self.meta_cpu).to(self.device, copy=True)
         self.dir_gpu = self.meta_gpu[: c.dir_size].view(c.max_requests, c.max_segments)
         self.hbm_l2_gpu = self.meta_gpu[c.dir_size : c.dir_size + c.l2_size].view(
             c.num_segments, c.segment_pages, c.num_layer_heads
         )
-        self._dirty: list[np.ndarray] = []  # flat meta indices changed since the last flush
-        self._freed_hbm: list[np.ndarray] = []  # HBM slots taken back since the last flush
+        self.slot_entry_gpu = self.meta_gpu[self.rev_offset : self.spare]
+        self._dirty: list[np.ndarray] = []  # meta indices changed since the last flush
+        self._moved: list[np.ndarray] = []  # HBM slots re-pointed or taken back since then
         # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
         self._staging = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
         self._staging_events: list[torch.cuda.Event | None] = [None, None]
@@ -206,7 +217,7 @@ class PageDirectory:
         if not self.active[reqs].all():
             idle = reqs[~self.active[reqs]].tolist()
             raise ValueError(f"grow: request slot(s) {idle} not admitted")
-        if np.unique(reqs).size != reqs.size:
+        if duplicates(reqs).size:
             raise ValueError("grow: a request slot appears twice")
         if (new < old).any() or (new > self.config.max_pages_per_request).any():
             raise ValueError(
@@ -228,9 +239,10 @@ class PageDirectory:
         self.hbm_l2_cpu[segs] = NONE
         hbm = np.flatnonzero(self.hbm_owner == req).astype(np.int32)
         self.hbm_owner[hbm] = NONE
-        self.hbm_entry[hbm] = NONE
+        self.slot_entry_cpu[hbm] = NONE
         self.hbm_slots.free(hbm)
-        self._freed_hbm.append(hbm)
+        self._moved.append(hbm)
+        self._dirty.append(self.rev_offset + hbm.astype(np.int64))
         row[:] = NONE
         self._dirty.append(req * self.config.max_segments + np.arange(self.config.max_segments))
         self.active[req] = False
@@ -255,14 +267,14 @@ class PageDirectory:
         slots = np.asarray(slots, dtype=np.int64).ravel()
         if (self.hbm_owner[slots] != np.broadcast_to(reqs, slots.shape)).any():
             raise ValueError(f"disown_hbm: slot(s) not owned by request slot(s) {reqs}")
-        entries = self.hbm_entry[slots]
+        entries = self.slot_entry_cpu[slots]
         entries = entries[entries != NONE]
         self.meta_cpu[entries] = NONE
-        self._dirty.append(entries)
-        self.hbm_entry[slots] = NONE
+        self.slot_entry_cpu[slots] = NONE
+        self._dirty += [entries, self.rev_offset + slots]
         self.hbm_owner[slots] = NONE
         self.hbm_slots.free(slots)
-        self._freed_hbm.append(slots.astype(np.int32))
+        self._moved.append(slots)
 
     def set_hbm(self, reqs: np.ndarray, pages: np.ndarray, slots: np.ndarray) -> None:
         """HBM entries of pages (e.g. fresh tail pages): slots [n, LH] int32, -1 = not resident.
@@ -281,26 +293,28 @@ class PageDirectory:
         S = self.config.segment_pages
         segs = self.dir_cpu[reqs, pages // S].astype(np.int64)
         flat = self.config.dir_size + ((segs * S + pages % S) * lh)[:, None] + np.arange(lh)
-        held = self.hbm_entry[slots[resident]]
-        if ((held != NONE) & ~np.isin(held, flat)).any() or np.unique(
-            slots[resident]
-        ).size < held.size:
-            raise ValueError("set_hbm: an HBM slot would hold two pages")
+        held = self.slot_entry_cpu[slots[resident]]
+        clash = ((held != NONE) & ~np.isin(held, flat, kind="sort")).any()
+        if clash or duplicates(slots[resident]).size or duplicates(flat[:, 0]).size:
+            raise ValueError("set_hbm: an HBM slot would hold two pages, or a page is listed twice")
         old = self.meta_cpu[flat]
-        self.hbm_entry[old[old != NONE]] = NONE
+        old = old[old != NONE].astype(np.int64)
+        new = slots[resident].astype(np.int64)
+        self.slot_entry_cpu[old] = NONE
         self.meta_cpu[flat] = slots
-        self.hbm_entry[slots[resident]] = flat[resident]
-        self._dirty.append(flat.ravel())
+        self.slot_entry_cpu[new] = flat[resident]
+        self._dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
+        self._moved += [old, new]
 
-    def hbm_entries(self, req: int, pages: np.ndarray) -> np.ndarray:
-        """[n, LH] int32 CPU-side HBM entries of a request's pages."""
+    def hbm_entries(self, req: int | np.ndarray, pages: np.ndarray) -> np.ndarray:
+        """[n, LH] int32 CPU-side HBM entries of pages (`req`: one, or one per page)."""
         return self.hbm_l2_cpu[self._locate(req, pages)]
 
-    def host_entries(self, req: int, pages: np.ndarray) -> np.ndarray:
-        """[n, LH] int32 host slots of a request's pages."""
+    def host_entries(self, req: int | np.ndarray, pages: np.ndarray) -> np.ndarray:
+        """[n, LH] int32 host slots of pages (`req`: one, or one per page)."""
         return self.host_l2_cpu[self._locate(req, pages)]
 
-    def _locate(self, req: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _locate(self, req: int | np.ndarray, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pages = np.asarray(pages, dtype=np.int64)
         S = self.config.segment_pages
         return self.dir_cpu[req, pages // S], pages % S
@@ -313,36 +327,38 @@ class PageDirectory:
 
     # ---- device sync ----------------------------------------------------------------------
     def flush(self) -> int:
-        """Push the changes since the last flush to the device mirror: ONE non-blocking copy of
-        a pinned staging buffer [dirty indices | their values | HBM slots taken back], then a
-        scatter, and a clear of every device entry still naming a slot taken back (the decode
-        graph may have installed it anywhere). Returns the number of entries written."""
+        """Push the changes since the last flush to `meta_gpu` with ONE non-blocking copy of a
+        pinned staging buffer [dirty indices | their values | moved HBM slots]; on the device,
+        first clear the entries the moved slots hold there, then scatter the values.
+        Returns the number of values written."""
         empty = np.zeros(0, dtype=np.int32)
-        idx = np.unique(np.concatenate(self._dirty)).astype(np.int32) if self._dirty else empty
-        freed = np.concatenate(self._freed_hbm).astype(np.int32) if self._freed_hbm else empty
-        self._dirty, self._freed_hbm = [], []
-        n, f = idx.size, freed.size
+        # repeated indices are harmless: every copy of one index carries the same value
+        idx = np.concatenate(self._dirty).astype(np.int32) if self._dirty else empty
+        moved = np.concatenate(self._moved).astype(np.int32) if self._moved else empty
+        self._dirty, self._moved = [], []
+        n, f = idx.size, moved.size
         if n + f == 0:
             return 0
         staging = self._staging_buffer(2 * n + f)
         host = staging.numpy()
         host[:n] = idx
         host[n : 2 * n] = self.meta_cpu[idx]
-        host[2 * n : 2 * n + f] = freed
+        host[2 * n : 2 * n + f] = moved
         upload = staging[: 2 * n + f].to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             self._staging_events[self._flushes % 2] = torch.cuda.Event()
             self._staging_events[self._flushes % 2].record()
-        if f:
-            self.hbm_l2_gpu.masked_fill_(torch.isin(self.hbm_l2_gpu, upload[2 * n :]), NONE)
+        self._flushes += 1
+        if f:  # the graph may have installed these slots anywhere: follow the device reverse map
+            held = self.slot_entry_gpu.index_select(0, upload[2 * n :].long()).long()
+            self.meta_gpu.index_fill_(0, torch.where(held >= 0, held, self.spare), NONE)
         if n:
             self.meta_gpu.index_copy_(0, upload[:n].long(), upload[n : 2 * n])
-        self._flushes += 1
         return n
 
     def _staging_buffer(self, size: int) -> torch.Tensor:
         """One of two pinned int32 buffers (used in turn), reused only once its upload is done."""
-        turn = self._flushes % 2
+        turn = self._flushes % 2  # flush() advances _flushes after recording the event
         if self._staging_events[turn] is not None:
             self._staging_events[turn].synchronize()  # two flushes ago: long done in practice
         if self._staging[turn].numel() < size:
@@ -367,11 +383,14 @@ class PageDirectory:
             "flat": flat,
         }
 
-    def check_integrity(self, hbm_l2: np.ndarray | None = None) -> None:
+    def check_integrity(self, on_device: bool = False) -> None:
         """Raise AssertionError unless every segment, host slot and HBM slot is free or owned
-        exactly once. `hbm_l2` may be a device snapshot (`hbm_l2_gpu.cpu().numpy()`)."""
+        exactly once and the reverse map matches. on_device: check the device copy of hbm_l2
+        and slot_entry (synchronizes; call while idle)."""
         c, S = self.config, self.config.segment_pages
-        hbm_l2 = self.hbm_l2_cpu if hbm_l2 is None else hbm_l2
+        meta = self.meta_gpu.cpu().numpy() if on_device else self.meta_cpu
+        l2, rev = meta[self.l2_offset : self.rev_offset], meta[self.rev_offset : self.spare]
+        hbm_l2 = l2.reshape(self.hbm_l2_cpu.shape)
         for allocator in (self.segments, self.host_slots, self.hbm_slots):
             allocator.check()
         _require(not self.num_pages[~self.active].any(), "an idle request slot has pages")
@@ -393,24 +412,19 @@ class PageDirectory:
         _require(self.active[self.hbm_owner[owned]].all(), "an HBM slot owned by an idle slot")
         hbm = hbm_l2[segs]
         _require((hbm[~valid] == NONE).all(), "HBM entry beyond a request's context")
-        live = hbm[valid]  # [k, LH]
         owner_req = np.broadcast_to(req_of[:, None, None], hbm.shape)[valid]
-        resident = live != NONE
+        live = hbm[valid]
         _require(
-            (self.hbm_owner[live[resident]] == owner_req[resident]).all(),
+            (self.hbm_owner[live[live != NONE]] == owner_req[live != NONE]).all(),
             "an HBM entry points at a slot its request does not own",
         )
-        counts = np.bincount(live[resident].ravel(), minlength=self.hbm_slots.num_slots)
-        _require(counts.max(initial=0) <= 1, "two page entries share one HBM slot")
-        if hbm_l2 is self.hbm_l2_cpu:  # the reverse map follows the CPU copy
-            where = np.flatnonzero(self.meta_cpu[c.dir_size : c.dir_size + c.l2_size] != NONE)
-            where = where[where >= c.segment_entries]  # not the dummy segment
-            slots = self.meta_cpu[c.dir_size + where]
-            _require(
-                np.array_equal(self.hbm_entry[slots], c.dir_size + where)
-                and (self.hbm_entry != NONE).sum() == where.size,
-                "HBM reverse map is stale",
-            )
+        where = np.flatnonzero(l2[c.segment_entries :] != NONE) + c.segment_entries
+        _require(not duplicates(l2[where]).size, "two page entries share one HBM slot")
+        _require(
+            np.array_equal(rev[l2[where]], self.l2_offset + where)
+            and (rev != NONE).sum() == where.size,
+            "HBM reverse map (slot_entry) is stale",
+        )
         _require(
             (hbm_l2[0] == DUMMY_SLOT).all() and (self.host_l2_cpu[0] == DUMMY_SLOT).all(),
             "the dummy segment was overwritten",

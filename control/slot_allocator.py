@@ -97,10 +97,10 @@ class SlotAllocator:
             raise InvalidFreeError(
                 f"{self.name}: double free of slot(s) {slots[already][:8].tolist()}"
             )
-        if np.unique(slots).size != slots.size:
-            vals, counts = np.unique(slots, return_counts=True)
+        repeated = duplicates(slots)
+        if repeated.size:
             raise InvalidFreeError(
-                f"{self.name}: slot(s) {vals[counts > 1][:8].tolist()} freed twice in one call"
+                f"{self.name}: slot(s) {repeated[:8].tolist()} freed twice in one call"
             )
 
     def is_free(self, slots: np.ndarray | list[int]) -> np.ndarray:
@@ -119,3 +119,10 @@ class SlotAllocator:
         counts = np.bincount(on_stack, minlength=self.num_slots)
         if counts.max(initial=0) > 1 or not np.array_equal(counts > 0, self._free_map):
             raise AssertionError(f"{self.name}: free stack and free map disagree")
+
+
+def duplicates(values: np.ndarray) -> np.ndarray:
+    """Values occurring more than once (sorted). Sort-based: np.unique's hash path is slow on
+    sparse ids."""
+    s = np.sort(np.asarray(values).ravel())
+    return np.unique(s[1:][s[1:] == s[:-1]]) if s.size > 1 else s[:0]

@@ -47,7 +47,9 @@ class BucketedLRU:
 
     def ages(self, slots: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 ages of `slots` (any shape, no padding) or of every slot."""
-        epoch = self.epoch if slots is None else self.epoch[slots.long()]
+        if slots is None:
+            return self.current - self.epoch
+        epoch = self.epoch.index_select(0, slots.reshape(-1).long()).view(slots.shape)
         return self.current - epoch
 
     def touch(self, slots: torch.Tensor) -> None:

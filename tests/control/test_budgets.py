@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from spinserve.control.budgets import (
     BudgetPolicy,
     Observation,

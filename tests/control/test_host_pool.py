@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from cuda.bindings import driver as real_driver
+
 from spinserve.control import host_pool
 from spinserve.control.host_pool import (
     HostMemoryKind,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from spinserve.control.page_directory import NONE, DirectoryConfig, PageDirectory
 from spinserve.control.slot_allocator import OutOfSlotsError, SlotAllocator
 
@@ -89,19 +90,27 @@ def test_flush_uploads_deltas_only_and_keeps_device_side_changes():
     assert d.flush() == 4 * 2 + 1  # one fresh segment (S x LH entries) + one directory entry
     np.testing.assert_array_equal(d.meta_gpu.numpy(), d.meta_cpu)
     # the decode graph installs a miss on the device: page 1, lh 0 -> slots[2]
-    seg = d.dir_cpu[0, 0]
-    d.hbm_l2_gpu[seg, 1, 0] = int(slots[2])
+    seg = int(d.dir_cpu[0, 0])
+    entry = d.l2_offset + (seg * 4 + 1) * 2 + 0
+    d.meta_gpu[entry] = int(slots[2])
+    d.slot_entry_gpu[slots[2]] = entry
     assert d.hbm_entries(0, [1]).tolist() == [[NONE, NONE]]  # the CPU copy is separate
     d.set_hbm([0], [0], [[slots[0], slots[1]]])
-    assert d.flush() == 2  # just the two entries written
+    assert d.flush() == 4  # two entries + the two slots' reverse entries
     assert d.hbm_l2_gpu[seg, :2].tolist() == [[slots[0], slots[1]], [slots[2], NONE]]
+    assert d.slot_entry_gpu[slots].tolist() == [entry - 2, entry - 1, entry]
     assert d.flush() == 0
+    d.check_integrity(on_device=True)
     d.disown_hbm(0, slots[2:])  # the device copy forgets it although the CPU never saw it
     d.flush()
     assert d.hbm_l2_gpu[seg, 1].tolist() == [NONE, NONE]
+    assert d.slot_entry_gpu[slots].tolist() == [entry - 2, entry - 1, NONE]
+    d.check_integrity(on_device=True)
     d.release(0)
     d.flush()
     np.testing.assert_array_equal(d.dir_gpu.numpy(), np.full((4, 3), NONE))
+    assert (d.slot_entry_gpu == NONE).all() and (d.hbm_l2_gpu[1:] == NONE).all()
+    d.check_integrity(on_device=True)
 
 
 def test_out_of_host_pool_refused_and_nothing_changed():
@@ -166,7 +175,8 @@ def test_table_bytes_exact():
         (lambda d: d.segments.alloc(1), "segment is neither free nor owned"),
         (lambda d: d.hbm_slots.alloc(1), "HBM slot is neither free nor owned"),
         (lambda d: d.hbm_l2_cpu.__setitem__((1, 3, 0), 1), "beyond a request's context"),
-        (lambda d: d.hbm_l2_cpu.__setitem__((1, 1, 1), 2), "reverse map is stale"),
+        (lambda d: d.hbm_l2_cpu.__setitem__((1, 1, 1), 2), "reverse map"),
+        (lambda d: d.slot_entry_cpu.__setitem__(1, 5), "reverse map"),
     ],
 )
 def test_check_integrity_catches_corruption(corrupt, match):
@@ -198,7 +208,7 @@ def test_random_admit_step_finish_cancel(seed):
         if op % 97 == 0:
             d.flush()
             d.check_integrity()
-            d.check_integrity(d.hbm_l2_gpu.numpy().copy())
+            d.check_integrity(on_device=True)
     assert refused > 0  # the pools were small enough to run out at times
     for req in np.flatnonzero(d.active):
         d.release(int(req))
@@ -212,7 +222,8 @@ def test_random_admit_step_finish_cancel(seed):
 def _random_op(d: PageDirectory, rng) -> int:
     """One random operation; returns 1 when a pool refused it (and checks nothing changed)."""
     live = np.flatnonzero(d.active)
-    kind = rng.choice(["admit", "step", "step", "own", "disown", "tail", "tail", "tail", "finish"])
+    kinds = ["admit", "step", "step", "own", "disown", "tail", "tail", "graph", "graph", "finish"]
+    kind = rng.choice(kinds)
     before = _state(d)
     try:
         if kind == "admit" and live.size < d.config.max_requests:
@@ -231,6 +242,9 @@ def _random_op(d: PageDirectory, rng) -> int:
             d.disown_hbm(req, rng.permutation(owned)[: int(rng.integers(0, owned.size + 1))])
         elif kind == "tail" and live.size:
             _random_tail(d, rng, int(rng.choice(live)))
+        elif kind == "graph" and live.size:
+            d.flush()  # a decode step: the control plane flushes, then the graph runs
+            _graph_installs_a_miss(d, rng, int(rng.choice(live)))
         elif kind == "finish" and live.size:
             d.release(int(rng.choice(live)))  # finish and cancel free the same way
     except OutOfSlotsError:
@@ -252,11 +266,36 @@ def _random_tail(d: PageDirectory, rng, req: int) -> None:
     unused = np.setdiff1d(owned, d.hbm_l2_cpu[segs].ravel())
     if unused.size < lh:
         return
-    page = int(rng.integers(0, d.num_pages[req]))
+    page = int(rng.integers(0, d.num_pages[req])) // 2 * 2  # even pages: the CPU's (see below)
     slots = rng.permutation(unused)[:lh].astype(np.int32)
     slots[rng.random(lh) < 0.3] = NONE
     d.set_hbm([req], [page], slots[None, :])
     assert d.hbm_entries(req, [page]).ravel().tolist() == slots.tolist()
+
+
+def _graph_installs_a_miss(d: PageDirectory, rng, req: int) -> None:
+    """What the decode graph does on the device copy: put an odd page's entry into one of the
+    request's slots (its victim), unmapping whatever that slot and that entry held."""
+    owned = np.flatnonzero(d.hbm_owner == req)
+    if d.num_pages[req] < 2 or owned.size == 0:
+        return
+    page = int(rng.integers(0, d.num_pages[req] // 2)) * 2 + 1
+    seg = int(d.dir_cpu[req, page // d.config.segment_pages])
+    lh = int(rng.integers(0, d.config.num_layer_heads))
+    entry = (
+        d.l2_offset
+        + (seg * d.config.segment_pages + page % d.config.segment_pages)
+        * (d.config.num_layer_heads)
+        + lh
+    )
+    victim = int(rng.choice(owned))
+    meta, rev = d.meta_gpu, d.slot_entry_gpu
+    if rev[victim] >= 0:
+        meta[int(rev[victim])] = NONE
+    if meta[entry] >= 0:
+        rev[int(meta[entry])] = NONE
+    meta[entry] = victim
+    rev[victim] = entry
 
 
 @pytest.mark.gpu
@@ -276,5 +315,5 @@ def test_cuda_tables_mirror_and_mapped_host_table():
     d.flush()
     torch.cuda.synchronize()
     np.testing.assert_array_equal(d.meta_gpu.cpu().numpy(), d.meta_cpu)
-    d.check_integrity(d.hbm_l2_gpu.cpu().numpy())
+    d.check_integrity(on_device=True)
     d.close()
