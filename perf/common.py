@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
 
 
 def git_sha() -> str:
+    """HEAD's short sha; $SPIN_GIT_SHA where the tree is a copy without .git (device runs)."""
+    if os.environ.get("SPIN_GIT_SHA"):
+        return os.environ["SPIN_GIT_SHA"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -30,7 +30,10 @@ def _rel(a, b):
 
 def test_replay_matches_eager_for_changing_batches(engine_dir):
     eng = LLMEngine.from_engine_dir(
-        engine_dir, device="cuda", dtype="bfloat16", **{"engine.max_running_requests": 8}
+        engine_dir,
+        device="cuda",
+        dtype="bfloat16",
+        **{"engine.max_running_requests": 8, "cache.kv_cache_tokens": 8192},
     )
     graphs = eng.runner.graphs
     assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8]

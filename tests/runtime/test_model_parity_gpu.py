@@ -33,7 +33,10 @@ def test_bf16_parity(kind, page_size, tmp_path):
     ckpt = make_checkpoint(kind, tmp_path / "ckpt")
     engine_dir = build_engine(ckpt, tmp_path / "engine", page_size=page_size, progress=False)
     engine = LLMEngine.from_engine_dir(
-        engine_dir, device="cuda", dtype="bfloat16", **{"engine.prefill_chunk_tokens": 16}
+        engine_dir,
+        device="cuda",
+        dtype="bfloat16",
+        **{"engine.prefill_chunk_tokens": 16, "cache.kv_cache_tokens": 4096},
     )
     ref32 = tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).cuda().eval()
     ref16 = tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
