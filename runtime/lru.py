@@ -10,12 +10,13 @@ replay without the host. A slot's age is `(current - epoch) mod 256`:
 Victims are chosen per row (a row = the HBM slots one request owns for one layer, say), oldest
 bucket first, without sorting and without a host round trip:
   1. a histogram of the row's ages (scatter_add into [R, 256]);
-  2. a suffix sum gives, per age a, how many eligible slots are at least that old; the cutoff
-     bucket c is the youngest age such that the slots aged >= c cover the request;
+  2. a prefix sum gives, per age a, how many eligible slots are at least that old (total minus
+     prefix); the cutoff bucket c is the youngest age such that the slots aged >= c cover the
+     request;
   3. every slot older than c is a victim; inside bucket c the slots earliest in the row win
      (tie rule: lower column index in `row_slots` first);
-  4. victims are compacted in parallel (cumsum of the mask) into a fixed [R, max_victims] output
-     in row-column order, padded with -1.
+  4. victims are compacted in parallel (one cumsum counting both "older" and "in bucket c") into
+     a fixed [R, max_victims] output in row-column order, padded with -1.
 So the eviction order is (age descending, column ascending); asking for k victims returns the
 first k of that order. All shapes are static, every op is a torch op with no `.item()`: the whole
 thing is CUDA-graph safe. On CPU the same code runs eagerly.
@@ -72,25 +73,25 @@ class BucketedLRU:
         """Choose victims: ([R, max_victims] int32 slots in column order, -1 padded;
         [R] int32 victims found = min(num_needed, eligible slots, max_victims)).
         Slots of age 0 (touched this step) and padding are never chosen."""
-        num_rows = row_slots.shape[0]
-        device = row_slots.device
+        num_rows, device = row_slots.shape[0], row_slots.device
         age = self.ages(row_slots.clamp_min(0)).long()  # [R, N] in 0..255
-        eligible = (row_slots >= 0) & (age > 0)
-        bucket = torch.where(eligible, age, torch.zeros_like(age))  # bucket 0 is never evicted
-        hist = torch.zeros(num_rows, NUM_BUCKETS + 1, dtype=torch.int64, device=device)
+        bucket = age * (row_slots >= 0)  # padding joins bucket 0 (age 0): never a victim
+        hist = torch.zeros(num_rows, NUM_BUCKETS, dtype=torch.int64, device=device)
         hist.scatter_add_(1, bucket, torch.ones_like(bucket))
-        hist[:, 0] = 0
-        # at_least[r, a] = eligible slots of row r with age >= a; column 256 stays 0
-        at_least = hist.flip(1).cumsum(1).flip(1)
-        need = torch.minimum(num_needed.long(), at_least[:, 1]).clamp(0, max_victims)
-        # cutoff bucket: the largest age a >= 1 with at_least[a] >= need (255 when need == 0)
-        cutoff = (at_least[:, 1:NUM_BUCKETS] >= need[:, None]).sum(1)  # [R] in 1..255
-        above = at_least.gather(1, (cutoff + 1)[:, None])  # [R, 1] slots older than the cutoff
-        in_cut = eligible & (age == cutoff[:, None])
-        rank_in_cut = in_cut.long().cumsum(1) - 1
-        take = (need[:, None] - above).clamp_min(0)
-        victim = eligible & ((age > cutoff[:, None]) | (in_cut & (rank_in_cut < take)))
-        pos = victim.long().cumsum(1) - 1
+        prefix = hist.cumsum(1)  # prefix[r, a] = slots of age <= a
+        # at_least[r, a - 1] = eligible slots of row r aged >= a, for a in 1..255
+        at_least = prefix[:, -1:] - prefix[:, : NUM_BUCKETS - 1]
+        need = torch.minimum(num_needed.long(), at_least[:, 0]).clamp(0, max_victims)
+        # cutoff bucket: the largest age a >= 1 with at_least(a) >= need (255 when need == 0)
+        cutoff = (at_least >= need[:, None]).sum(1, keepdim=True)  # [R, 1] in 1..255
+        above = prefix[:, -1:] - prefix.gather(1, cutoff)  # [R, 1] slots older than the cutoff
+        take = need[:, None] - above  # victims to take from the cutoff bucket, column order
+        older, in_cut = bucket > cutoff, bucket == cutoff
+        # one scan counts both: high 32 bits = older slots so far, low 32 bits = in_cut so far
+        counts = ((older.long() << 32) | in_cut.long()).cumsum(1)
+        seen_cut = counts & 0xFFFFFFFF
+        victim = older | (in_cut & (seen_cut <= take))
+        pos = (counts >> 32) + torch.minimum(seen_cut, take) - 1  # rank among the victims
         dump = torch.full_like(pos, max_victims)  # non-victims write into a spare column
         out = torch.full((num_rows, max_victims + 1), PAD, dtype=torch.int32, device=device)
         out.scatter_(1, torch.where(victim, pos, dump), row_slots.to(torch.int32))
