@@ -208,7 +208,7 @@ def _select_kernel(
         prefix = tl.zeros([], tl.int64)
         need = tl.full([], BUDGET, tl.int32)  # candidates still to take at or below the prefix
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p
             match = cand & ((ukey >> (shift + 8)) == prefix)
             hist = tl.histogram(((ukey >> shift) & 255).to(tl.int32), 256, mask=match)
             at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # [256]: digits >= d
