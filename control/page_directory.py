@@ -277,12 +277,15 @@ class PageDirectory:
         self._moved.append(slots)
 
     def set_hbm(self, reqs: np.ndarray, pages: np.ndarray, slots: np.ndarray) -> None:
-        """HBM entries of pages (e.g. fresh tail pages): slots [n, LH] int32, -1 = not resident.
-        Each slot must be owned by its request and hold no other page."""
+        """HBM entries of pages: slots [n, LH] int32, -1 = not resident. Each slot must be owned
+        by its request and hold no other page. Meant for pages the decode graph has not touched
+        yet (fresh tail pages, prefill pages): after that the graph owns their residency."""
         lh = self.config.num_layer_heads
         reqs = np.asarray(reqs, dtype=np.int64).ravel()
         pages = np.asarray(pages, dtype=np.int64).ravel()
         slots = np.asarray(slots, dtype=np.int32).reshape(reqs.size, lh)
+        if reqs.size == 0:
+            return
         if (pages >= self.num_pages[reqs]).any() or (pages < 0).any():
             raise ValueError("set_hbm: page not allocated (grow the request first)")
         resident = slots != NONE
@@ -293,8 +296,11 @@ class PageDirectory:
         S = self.config.segment_pages
         segs = self.dir_cpu[reqs, pages // S].astype(np.int64)
         flat = self.config.dir_size + ((segs * S + pages % S) * lh)[:, None] + np.arange(lh)
+        # a slot may already hold a page only if that page is one rewritten here
         held = self.slot_entry_cpu[slots[resident]]
-        clash = ((held != NONE) & ~np.isin(held, flat, kind="sort")).any()
+        held_row = held[held != NONE] - (held[held != NONE] - self.l2_offset) % lh
+        rows = np.sort(flat[:, 0])
+        clash = (rows[np.minimum(np.searchsorted(rows, held_row), rows.size - 1)] != held_row).any()
         if clash or duplicates(slots[resident]).size or duplicates(flat[:, 0]).size:
             raise ValueError("set_hbm: an HBM slot would hold two pages, or a page is listed twice")
         old = self.meta_cpu[flat]

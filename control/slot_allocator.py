@@ -122,7 +122,7 @@ class SlotAllocator:
 
 
 def duplicates(values: np.ndarray) -> np.ndarray:
-    """Values occurring more than once (sorted). Sort-based: np.unique's hash path is slow on
-    sparse ids."""
+    """Values occurring more than once (sorted, a value may repeat). Sort-based: np.unique's hash
+    path is slow on sparse ids."""
     s = np.sort(np.asarray(values).ravel())
-    return np.unique(s[1:][s[1:] == s[:-1]]) if s.size > 1 else s[:0]
+    return s[1:][s[1:] == s[:-1]]
