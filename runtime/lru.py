@@ -112,6 +112,46 @@ def assign_victims(
     return torch.where(ok, picked, torch.full_like(picked, PAD))
 
 
+def page_entry_index(
+    dir_gpu: torch.Tensor,  # [max_requests, max_segments] int32: level-1 directory
+    req_slots: torch.Tensor,  # [R] int: request slot of each row
+    pages: torch.Tensor,  # [R, K] int: logical pages, -1 = padding
+    lh: torch.Tensor,  # [R] int: layer * num_kv_heads + kv_head of each row
+    l2_offset: int,  # PageDirectory.l2_offset
+    segment_pages: int,  # S
+    num_layer_heads: int,  # LH
+    spare: int,  # PageDirectory.spare: where padding points (reads -1)
+) -> torch.Tensor:
+    """[R, K] int64 index into the flat page metadata (PageDirectory.meta_gpu) of each page's
+    HBM entry; `meta[index]` is then the page's HBM slot (-1 = miss). No host sync."""
+    p = pages.long().clamp_min(0)
+    seg = dir_gpu[req_slots.long()[:, None], p // segment_pages].long()
+    entry = l2_offset + (seg * segment_pages + p % segment_pages) * num_layer_heads
+    entry = entry + lh.long()[:, None]
+    return torch.where((pages >= 0) & (seg >= 0), entry, torch.full_like(entry, spare))
+
+
+def install_pages(
+    meta: torch.Tensor,  # [spare + 1] int32: PageDirectory.meta_gpu, changed in place
+    entries: torch.Tensor,  # [R, M] int64: meta index of each missed page's entry
+    dest: torch.Tensor,  # [R, M] int32: assign_victims output (HBM slot per miss, -1 = none)
+    rev_offset: int,  # PageDirectory.rev_offset
+    spare: int,  # PageDirectory.spare
+) -> None:
+    """Record in the metadata that victim slot `dest` now holds page `entries` (the gather kernel
+    fills the slot): the page the victim held loses its entry, the missed page's entry and the
+    victim's reverse entry (slot_entry) are set. Padding writes -1 into the spare element, which
+    therefore keeps reading as "no slot"."""
+    ok = dest >= 0
+    victim = torch.where(ok, dest, torch.zeros_like(dest)).long()
+    spare_t = torch.full_like(victim, spare)
+    old = meta.index_select(0, (rev_offset + victim).reshape(-1)).view(victim.shape).long()
+    meta.index_put_((torch.where(ok & (old >= 0), old, spare_t),), torch.full_like(dest, PAD))
+    meta.index_put_((torch.where(ok, entries.long(), spare_t),), dest)
+    back = torch.where(ok, entries, torch.full_like(entries, PAD)).to(meta.dtype)
+    meta.index_put_((torch.where(ok, rev_offset + victim, spare_t),), back)
+
+
 def select_victims_reference(
     ages: list[int],  # age per HBM slot (already saturated at MAX_AGE)
     row_slots: list[list[int]],  # per row, slot ids, -1 = padding

@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from spinserve.control.page_directory import DirectoryConfig, PageDirectory
+from spinserve.control.slot_allocator import SlotAllocator
 from spinserve.runtime.lru import (
     MAX_AGE,
     PAD,
     BucketedLRU,
     LRUReference,
     assign_victims,
+    install_pages,
+    page_entry_index,
     select_victims_reference,
 )
 
@@ -94,6 +98,71 @@ def test_assign_victims():
     victims = _t([[7, 9, PAD], [3, PAD, PAD]])
     dest = assign_victims(miss, victims, _t([2, 1]))
     assert dest.tolist() == [[PAD, 7, 9, PAD, PAD], [3, PAD, PAD, PAD, PAD]]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_misses_install_into_victims_and_metadata_stays_consistent(device):
+    """One row (request 0, lh 1) over three decode steps, on the PageDirectory's device mirror:
+    lookup -> victims -> install, with exact victims and entries; integrity holds throughout.
+    On CUDA the step is one captured graph, replayed with host syncs forbidden."""
+    config = DirectoryConfig(2, 8, segment_pages=4, num_layer_heads=2, num_segments=4)
+    d = PageDirectory(config, SlotAllocator(10), SlotAllocator(40), device=device)
+    d.admit(0)
+    d.grow([0], [6])
+    row_slots = torch.from_numpy(d.own_hbm(0, 3))[None, :].int().to(device)  # [[1, 2, 3]]
+    d.flush()
+    lru = BucketedLRU(10, device)
+    req, lh = torch.tensor([0], device=device), torch.tensor([1], device=device)
+    pages = torch.full((1, 3), PAD, dtype=torch.int64, device=device)  # static input
+
+    def one_step() -> torch.Tensor:
+        lru.advance()
+        entries = page_entry_index(d.dir_gpu, req, pages, lh, d.l2_offset, 4, 2, d.spare)
+        slots = d.meta_gpu[entries]
+        miss = (pages >= 0) & (slots < 0)
+        lru.touch(torch.where(miss, torch.full_like(slots, PAD), slots))
+        victims, found = lru.select_victims(row_slots, miss.sum(1), max_victims=3)
+        dest = assign_victims(miss, victims, found)
+        install_pages(d.meta_gpu, entries, dest, d.rev_offset, d.spare)
+        lru.touch(dest)
+        return dest
+
+    run = one_step
+    if device == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records only: nothing runs yet
+            out = one_step()
+
+        def run() -> torch.Tensor:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                graph.replay()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            return out
+
+    def step(p: list[int]) -> list[int]:
+        pages.copy_(torch.tensor([p]))
+        dest = run()[0].tolist()
+        d.check_integrity(on_device=True)
+        return dest
+
+    def resident() -> list[int]:  # HBM slot of pages 0..5 for lh 1 on the device
+        all_pages = torch.arange(6, device=device)[None]
+        e = page_entry_index(d.dir_gpu, req, all_pages, lh, d.l2_offset, 4, 2, d.spare)
+        return d.meta_gpu[e][0].tolist()
+
+    assert step([0, 3, PAD]) == [1, 2, PAD]  # all empty (age 255): column order
+    assert resident() == [1, PAD, PAD, 2, PAD, PAD]
+    assert step([3, 5, 1]) == [PAD, 1, 3]  # page 3 hits; slot 2 is protected, 1 and 3 go
+    assert resident() == [PAD, 3, PAD, 2, PAD, 1]  # page 0 lost slot 1
+    assert step([0, PAD, PAD]) == [1, PAD, PAD]  # all aged 1: lowest column first
+    assert resident() == [1, 3, PAD, 2, PAD, PAD]
+    assert d.meta_gpu[d.spare] == PAD  # padding reads stay misses
+    lru.mark_empty(torch.from_numpy(d.release(0)).to(device))
+    d.flush()
+    d.check_integrity(on_device=True)
+    assert (d.slot_entry_gpu == PAD).all() and d.hbm_slots.num_used == 0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
