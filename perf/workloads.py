@@ -1,0 +1,222 @@
+"""Synthetic long-context workloads: request length distributions and prompts of real text.
+
+A Workload is a pair of length distributions (prompt tokens, output tokens) modelled on a public
+long-context benchmark; only the lengths are synthetic, the prompt tokens are real prose (the
+King James Bible, through Debian's `bible` reader) cut at random offsets, so every prompt is
+distinct text and no two requests share a prefix.
+
+    wl = WORKLOADS["longgenbench"].fit_context(8192)      # scaled so that in + out <= 8K
+    reqs = make_requests(wl, tokenizer, num_requests=64, seed=0)
+    reqs[0].prompt_ids, reqs[0].prompt_len, reqs[0].output_len
+
+Each length is lo + (hi - lo) * Beta(a, b) with a / (a + b) set so that the mean is the
+benchmark's mean (a + b = CONCENTRATION), rounded to whole tokens. Scaling by a factor multiplies
+lo, hi and mean alike (each kept >= 1 token).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+CONCENTRATION = 4.0  # a + b of the Beta: 4 gives a broad, single-humped spread
+KJV_READER = "bible"  # Debian package bible-kjv (text in bible-kjv-text)
+KJV_INSTALL = "apt-get install -y bible-kjv bible-kjv-text"
+MIN_TEXT_CHARS = 200_000  # tokenize at least this much text: room for distinct offsets
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """Token lengths in [lo, hi] with the given mean (lo < mean < hi, or all three equal)."""
+
+    lo: int
+    hi: int
+    mean: float
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.lo <= self.mean <= self.hi):
+            raise ValueError(f"LengthDist needs 1 <= lo <= mean <= hi, got {self}")
+        if self.lo < self.hi and not self.lo < self.mean < self.hi:
+            raise ValueError(f"LengthDist mean must lie strictly inside (lo, hi): {self}")
+
+    @property
+    def beta_params(self) -> tuple[float, float]:
+        """(a, b) of the Beta on [lo, hi] whose mean is `mean`."""
+        frac = (self.mean - self.lo) / (self.hi - self.lo)
+        return frac * CONCENTRATION, (1.0 - frac) * CONCENTRATION
+
+    def scaled(self, factor: float) -> LengthDist:
+        lo = max(1, round(self.lo * factor))
+        hi = max(lo, round(self.hi * factor))
+        if lo == hi:
+            return LengthDist(lo, hi, float(lo))
+        return LengthDist(lo, hi, min(max(self.mean * factor, lo + 0.5), hi - 0.5))
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """[n] int64 lengths in [lo, hi]."""
+        if self.lo == self.hi:
+            return np.full(n, self.lo, dtype=np.int64)
+        a, b = self.beta_params
+        x = self.lo + (self.hi - self.lo) * rng.beta(a, b, size=n)
+        return np.clip(np.rint(x), self.lo, self.hi).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    input_len: LengthDist
+    output_len: LengthDist
+    scale: float = 1.0  # factor applied to the published lengths
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.input_len.hi + self.output_len.hi
+
+    def scaled(self, factor: float) -> Workload:
+        if factor <= 0:
+            raise ValueError(f"scale factor must be > 0, got {factor}")
+        return replace(
+            self,
+            input_len=self.input_len.scaled(factor),
+            output_len=self.output_len.scaled(factor),
+            scale=self.scale * factor,
+        )
+
+    def fit_context(self, max_context: int) -> Workload:
+        """Scaled down (never up) so that the longest prompt + longest output fit max_context."""
+        factor = min(1.0, max_context / self.max_total_tokens)
+        wl = self.scaled(factor)
+        while wl.max_total_tokens > max_context:  # rounding can overshoot by a token or two
+            factor *= 1 - 1 / max_context
+            wl = self.scaled(factor)
+        return wl
+
+    def describe(self) -> dict:
+        return {
+            "workload": self.name,
+            "scale": self.scale,
+            "input_len": {
+                "lo": self.input_len.lo,
+                "hi": self.input_len.hi,
+                "mean": self.input_len.mean,
+            },
+            "output_len": {
+                "lo": self.output_len.lo,
+                "hi": self.output_len.hi,
+                "mean": self.output_len.mean,
+            },
+        }
+
+
+WORKLOADS: dict[str, Workload] = {
+    # LongBench-v2 (Bai et al., 2024): contexts 32K-120K words-ish tokens, mean ~55K;
+    # long-form answers 500-15K tokens, mean ~5K
+    "longbench-v2": Workload(
+        "longbench-v2", LengthDist(32_000, 120_000, 55_000), LengthDist(500, 15_000, 5_000)
+    ),
+    # LongGenBench (Wu et al., 2024): 16K-19K prompts (mean 18K) asking for 7K-32K of output
+    # (mean 12K): a long-generation, decode-heavy load
+    "longgenbench": Workload(
+        "longgenbench", LengthDist(16_000, 19_000, 18_000), LengthDist(7_000, 32_000, 12_000)
+    ),
+}
+
+
+def get_workload(name: str) -> Workload:
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}: choose one of {sorted(WORKLOADS)}") from None
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    prompt_ids: list[int]
+    output_len: int
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+
+# ---- real text -------------------------------------------------------------------------------
+def _clean_kjv(raw: str) -> str:
+    """`bible` output -> prose: drop "Book N" headings and verse numbers, join lines."""
+    lines = [
+        ln for ln in raw.splitlines() if ln.strip() and not re.fullmatch(r"\S+ \d+", ln.strip())
+    ]
+    text = " ".join(re.sub(r"^\s*\d+ ", "", ln).strip() for ln in lines)
+    return re.sub(r"\s+", " ", text)
+
+
+@lru_cache(maxsize=1)
+def kjv_text() -> str:
+    """The whole King James Bible as one line of prose (~4.3 MB)."""
+    exe = shutil.which(KJV_READER)
+    if exe is None:
+        raise FileNotFoundError(
+            f"no prompt text: the KJV reader `{KJV_READER}` is not installed. Run `{KJV_INSTALL}` "
+            "(packages bible-kjv and bible-kjv-text), or pass --text-file PATH"
+        )
+    try:
+        raw = subprocess.run(
+            [exe, "gen1:1-rev22:21"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise FileNotFoundError(
+            f"no prompt text: `{KJV_READER}` failed ({e}). Reinstall with `{KJV_INSTALL}` "
+            "(packages bible-kjv and bible-kjv-text), or pass --text-file PATH"
+        ) from None
+    text = _clean_kjv(raw)
+    if len(text) < MIN_TEXT_CHARS:
+        raise FileNotFoundError(
+            f"`{KJV_READER}` returned only {len(text)} characters: reinstall bible-kjv-text "
+            f"(`{KJV_INSTALL}`) or pass --text-file PATH"
+        )
+    return text
+
+
+def load_text(text_file: Path | None = None) -> str:
+    if text_file is None:
+        return kjv_text()
+    text = re.sub(r"\s+", " ", Path(text_file).read_text(errors="replace")).strip()
+    if not text:
+        raise ValueError(f"text file {text_file} is empty")
+    return text
+
+
+def text_token_ids(tokenizer, text: str, min_tokens: int) -> np.ndarray:
+    """[>= min_tokens] int64 token ids of `text` (the text repeats if it is too short)."""
+    chars = min(len(text), max(MIN_TEXT_CHARS, 8 * min_tokens))
+    ids = np.asarray(tokenizer.encode(text[:chars], add_special_tokens=False), dtype=np.int64)
+    if ids.size == 0:
+        raise ValueError("the prompt text encodes to no tokens")
+    while ids.size < min_tokens:
+        ids = np.concatenate([ids, ids])
+    return ids
+
+
+def make_requests(
+    workload: Workload,
+    tokenizer,
+    num_requests: int,
+    seed: int = 0,
+    text: str | None = None,
+) -> list[SampleRequest]:
+    """num_requests prompts of real text with the workload's lengths (deterministic in seed)."""
+    rng = np.random.default_rng(seed)
+    in_lens = workload.input_len.sample(rng, num_requests)
+    out_lens = workload.output_len.sample(rng, num_requests)
+    ids = text_token_ids(tokenizer, text if text is not None else kjv_text(), int(in_lens.max()))
+    starts = rng.integers(0, ids.size, size=num_requests)
+    ring = np.concatenate([ids, ids])  # a window may wrap around the end of the text
+    return [
+        SampleRequest(ring[s : s + n].tolist(), int(o))
+        for s, n, o in zip(starts, in_lens, out_lens)
+    ]
