@@ -99,3 +99,56 @@ def plot_latency_cdfs(runs: list[tuple[str, float, list[RequestResult]]], path: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+# ---- `spinserve bench plot`: compare saved runs (e.g. spinserve vs dense) in one figure ------
+def _load(paths: list[Path]) -> dict[str, list[dict]]:
+    import json
+
+    by_label: dict[str, list[dict]] = {}
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        if "output_throughput" not in rec:
+            raise ValueError(f"{path} is not a `bench serve`/`bench engine` result")
+        by_label.setdefault(str(rec.get("label") or Path(path).stem), []).append(rec)
+    return by_label
+
+
+def _detailed_results(rec: dict) -> list[RequestResult] | None:
+    """RequestResults rebuilt from a --save-detailed record (None without the lists)."""
+    keys = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "errors")
+    if not all(k in rec for k in keys):
+        return None
+    return [
+        RequestResult(n_in, n_out, not err, err, n_out, ttft, list(itl), lat)
+        for n_in, n_out, ttft, itl, lat, err in zip(*(rec[k] for k in keys))
+    ]
+
+
+def add_plot_args(p) -> None:
+    p.add_argument("results", type=Path, nargs="+", help="result JSON files (grouped by label)")
+    p.add_argument(
+        "--out-prefix",
+        type=Path,
+        default=Path("perf/results/compare"),
+        help="writes PREFIX-throughput.png and PREFIX-latency-cdf.png",
+    )
+
+
+def run_plot(args) -> int:
+    by_label = _load(args.results)
+    args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    p1 = plot_throughput(list(by_label.items()), Path(f"{args.out_prefix}-throughput.png"))
+    print(f"written {p1}")
+    cdf_runs = []
+    for label, recs in by_label.items():
+        for rec in recs:
+            res = _detailed_results(rec)
+            if res is not None:
+                cdf_runs.append((label, _rate_value(rec, math.inf), res))
+    if cdf_runs:
+        p2 = plot_latency_cdfs(cdf_runs, Path(f"{args.out_prefix}-latency-cdf.png"))
+        print(f"written {p2}")
+    else:
+        print("no per-request lists in these files (run with --save-detailed): no latency CDFs")
+    return 0

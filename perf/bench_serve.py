@@ -104,8 +104,9 @@ class _Stream:
                 self.last = now
             self.text_chunks += bool(text)
         usage = chunk.get("usage")
-        if usage:
+        if usage:  # the server's counts: exact even when the prompt went as text
             self.r.output_tokens = int(usage.get("completion_tokens", 0))
+            self.r.prompt_len = int(usage.get("prompt_tokens", self.r.prompt_len))
 
 
 class _InStreamError(Exception):

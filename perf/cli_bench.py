@@ -2,6 +2,7 @@
 
     spinserve bench serve  [flags]    load a running OpenAI endpoint      (perf/bench_serve.py)
     spinserve bench engine [flags]    the same workloads offline          (perf/bench_engine.py)
+    spinserve bench plot FILES...     one figure comparing saved runs     (perf/bench_plots.py)
     spinserve perf check   [flags]    results vs perf/baselines; CI gate  (perf/check.py)
 
 Exit status: 0 success; 1 a request failed (bench) or a regression (perf check); 2 bad input
@@ -28,7 +29,7 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from . import bench_engine, bench_serve
+    from . import bench_engine, bench_plots, bench_serve
 
     p = argparse.ArgumentParser(prog="spinserve bench", description="serving benchmarks")
     sub = p.add_subparsers(dest="what", required=True)
@@ -46,6 +47,9 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     bench_engine.add_args(e)
     e.set_defaults(func=bench_engine.run)
+    g = sub.add_parser("plot", help="throughput and latency-CDF plots comparing saved results")
+    bench_plots.add_plot_args(g)
+    g.set_defaults(func=bench_plots.run_plot)
     return p
 
 

@@ -119,6 +119,10 @@ def test_engine_exact_totals_and_cap(engine_dir, text_file, tmp_path):
         ):
             assert len(itl) == n_out - 1  # one token per step per request
             assert ttft + sum(itl) == pytest.approx(lat, abs=1e-6)
+    # one comparison figure from the saved runs (per-request lists give the CDFs)
+    assert bench_main(["plot", *map(str, files), "--out-prefix", str(tmp_path / "cmp")]) == 0
+    for png in ("throughput", "latency-cdf"):
+        assert (tmp_path / f"cmp-{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_refused_requests_are_failures(engine_dir, text_file, tmp_path):
