@@ -115,7 +115,7 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    # LongBench-v2 (Bai et al., 2024): contexts 32K-120K words-ish tokens, mean ~55K;
+    # LongBench-v2 (Bai et al., 2024): contexts of 32K-120K tokens, mean ~55K;
     # long-form answers 500-15K tokens, mean ~5K
     "longbench-v2": Workload(
         "longbench-v2", LengthDist(32_000, 120_000, 55_000), LengthDist(500, 15_000, 5_000)
@@ -220,3 +220,20 @@ def make_requests(
         SampleRequest(ring[s : s + n].tolist(), int(o))
         for s, n, o in zip(starts, in_lens, out_lens)
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m spinserve.perf.workloads --dump-text PATH`: the cleaned KJV prose into a file
+    (for machines without `bible`: pass it there as --text-file)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--dump-text", type=Path, required=True)
+    args = p.parse_args(argv)
+    args.dump_text.write_text(kjv_text())
+    print(f"written {args.dump_text} ({args.dump_text.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

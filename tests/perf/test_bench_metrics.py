@@ -194,3 +194,9 @@ def test_missing_reader_names_the_package(monkeypatch):
             workloads.kjv_text()
     finally:
         workloads.kjv_text.cache_clear()
+
+
+def test_dump_text_round_trips(tmp_path):
+    path = tmp_path / "kjv.txt"
+    assert workloads.main(["--dump-text", str(path)]) == 0
+    assert workloads.load_text(path) == workloads.kjv_text()
