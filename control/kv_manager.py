@@ -16,7 +16,7 @@ import torch
 
 from spinserve.runtime.batch import ForwardBatch, ForwardMode
 
-from .slot_allocator import SlotAllocator
+from .slot_allocator import SlotAllocator, duplicates
 
 
 @dataclass(slots=True)
@@ -86,7 +86,7 @@ class PagedKVManager:
         self.allocator.check()
         owned = [t[:, : self._num_pages[r]].ravel() for r, t in self._tables.items()]
         owned_all = np.concatenate(owned) if owned else np.zeros(0, np.int32)
-        if np.unique(owned_all).size != owned_all.size:
+        if duplicates(owned_all).size:
             raise AssertionError("a KV slot is owned twice")
         if self.allocator.is_free(owned_all).any():
             raise AssertionError("a KV slot is owned and free at once")
