@@ -25,6 +25,17 @@ def engine_dir(tmp_path_factory):
     )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a few shared cores OpenMP teams spin against each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def text_file(tmp_path):
     rng = random.Random()
