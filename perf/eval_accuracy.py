@@ -55,6 +55,8 @@ class EvalConfig:
     ppl_tokens: int = 128
     sink_tokens: int = 16
     window_tokens: int = 128
+    dense_layers: int = 2
+    chat: bool = False  # passkey prompt in the chat template
     seed: int = 0
     device: str = "cpu"
 
@@ -78,11 +80,22 @@ def page_size_for(algorithm: str) -> int:
     return get_algorithm(algorithm).required_page_size or 16
 
 
-def passkey_prompt(tok, hay_ids: list[int], context: int, depth: float, key: int, reserve: int):
-    """-> (prefill ids, question ids); prefill + question = context - reserve tokens."""
-    intro = tok.encode(INTRO)
+def passkey_prompt(
+    tok, hay_ids: list[int], context: int, depth: float, key: int, reserve: int, chat: bool
+):
+    """-> (prefill ids, question ids); prefill + question = context - reserve tokens. chat: wrap
+    in the model's chat template (the answer prefix then opens the assistant turn)."""
+    head, tail = "", ""
+    if chat:
+        marker = "\x00MARK\x00"
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        )
+        head, tail = text.split(marker)
+    intro = tok.encode(head + INTRO)
     needle = tok.encode(NEEDLE.format(key=key))
-    question = tok.encode(QUESTION)
+    question = QUESTION.replace(" The pass key is", tail + "The pass key is") if chat else QUESTION
+    question = tok.encode(question)
     n_hay = context - reserve - len(intro) - len(needle) - len(question)
     hay = hay_ids[:n_hay]
     cut = int(round(depth * n_hay))
@@ -124,7 +137,7 @@ def passkey_cell(sessions, tok, hay_ids, cfg, params, context, depth, key):
     """One prefill, then every (algorithm, budget) on it."""
     agree = depth in cfg.agreement_depths
     n_gen = max(cfg.answer_tokens, cfg.agreement_tokens if agree else 0)
-    prefill, question = passkey_prompt(tok, hay_ids, context, depth, key, n_gen)
+    prefill, question = passkey_prompt(tok, hay_ids, context, depth, key, n_gen, cfg.chat)
     prepare(sessions, prefill)
     rows, agreement, dense_out = [], [], None
     for algo, budget, sess in run_configs(sessions, cfg):
@@ -188,7 +201,9 @@ def evaluate(
     cfg: EvalConfig, engine_dir: Path, text_files=(None, None), log=print, save=lambda m: None
 ) -> dict:
     """text_files: (haystack, held-out) plain-text files, None = the KJV books through `bible`."""
-    params = SparseParams(0, cfg.sink_tokens, cfg.window_tokens)  # budgets come per run
+    params = SparseParams(
+        0, cfg.sink_tokens, cfg.window_tokens, cfg.dense_layers
+    )  # budget: per run
     page_sizes = {16} | {page_size_for(a) for a in cfg.algorithms}
     max_tokens = max(cfg.contexts + cfg.ppl_contexts) + 8
     sessions = {p: EvalSession(engine_dir, p, max_tokens, cfg.device) for p in page_sizes}
@@ -221,6 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens)
     ap.add_argument("--sink-tokens", type=int, default=d.sink_tokens)
     ap.add_argument("--window-tokens", type=int, default=d.window_tokens)
+    ap.add_argument("--dense-layers", type=int, default=d.dense_layers)
+    ap.add_argument("--chat", action="store_true", help="passkey prompt in the chat template")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--text-file", type=Path, default=None, help="haystack instead of the KJV")
     ap.add_argument("--held-out-file", type=Path, default=None, help="perplexity text file")

@@ -46,9 +46,10 @@ class SparseParams:
     budget_tokens: int = 2048  # dynamic pages per (request, layer, kv_head), in tokens
     sink_tokens: int = 16  # first tokens always kept (page-aligned up)
     window_tokens: int = 128  # last tokens always kept (page-aligned: whole pages)
+    dense_layers: int = 2  # the first layers attend densely (Quest: their attention is not sparse)
 
     def __post_init__(self) -> None:
-        for name in ("budget_tokens", "sink_tokens", "window_tokens"):
+        for name in ("budget_tokens", "sink_tokens", "window_tokens", "dense_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SparseParams.{name} must be >= 0, got {getattr(self, name)}")
 

@@ -1,7 +1,7 @@
 """SparsePlanner: the runtime-side glue between a model's decode path and one sparse algorithm.
 
 It holds the algorithm's per-layer states and does, per layer, what base.py says the runtime
-must do: after a request's prefill, read its keys back from the pool, index them and apply the
+must do (layers below params.dense_layers skip the algorithm and list every page): after a request's prefill, read its keys back from the pool, index them and apply the
 layout permutation the algorithm may return (apply_layout); on every decode step, fold the new
 keys in, select, and map the selected logical pages to pool slots through the request's page
 table. The model then calls plugins.ops.paged_decode_attention with the returned CSR.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SparseAlgorithm
+from .base import SparseAlgorithm, mask_to_selection, num_pages_of, valid_page_mask
 
 
 def read_keys(kv_pool: torch.Tensor, page_slots: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -68,6 +68,8 @@ class SparsePlanner:
     ) -> None:
         """End of the request's prefill: index every layer, re-lay the pages if asked to."""
         for layer, state in enumerate(self.states):
+            if layer < self.algo.params.dense_layers:
+                continue
             keys = read_keys(kv_pool, page_table[layer], seq_len)
             perm = self.algo.index_prefill(state, req_slot, keys)
             if perm is not None:
@@ -85,6 +87,12 @@ class SparsePlanner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (kv_indptr [B*KV+1], kv_slots [nnz], kv_last_page_len [B*KV]) int32 for
         plugins.ops.paged_decode_attention."""
+        if layer < self.algo.params.dense_layers:  # every page of every row
+            n = int(num_pages_of(seq_lens, self.algo.page_size).max())
+            valid = valid_page_mask(seq_lens, self.algo.page_size, n)
+            mask = valid[:, None, :].expand(-1, self.algo.num_kv_heads, -1)
+            sel = mask_to_selection(mask, seq_lens, self.algo.page_size)
+            return sel.kv_indptr, sel.to_slots(page_table), sel.kv_last_page_len
         state = self.states[layer]
         self.algo.index_decode(state, req_slots, keys, seq_lens - 1)
         sel = self.algo.select(state, query, req_slots, seq_lens, budget_tokens)
