@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from pydantic import ValidationError
+
 from spinserve.engines.errors import EngineError
 
 
@@ -49,8 +50,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from spinserve.control.detokenizer import IncrementalDetokenizer
     from spinserve.control.engine import LLMEngine
+    from spinserve.control.stream_detokenizer import IncrementalDetokenizer
     from spinserve.runtime.sampling import SamplingParams
 
     params = SamplingParams(
@@ -72,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for out in engine.step():
             if out.request_id != rid:
                 continue
-            text = detok.finish(out.output_text) if out.finished else detok.add(out.new_token_ids)
+            text = detok.push(out.new_token_ids) + (detok.flush() if out.finished else "")
             sys.stdout.write(text)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["bench"], ["perf"]):  # the perf harness parses its own subcommands
+        from spinserve.perf.cli_bench import bench_main, perf_main
+
+        return (bench_main if argv[0] == "bench" else perf_main)(argv[1:])
     args = build_parser().parse_args(argv)
     from spinserve.control.engine import RequestError
 

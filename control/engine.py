@@ -25,6 +25,7 @@ from spinserve.runtime.sparse import SparseParams
 from .kv_manager import BatchItem, PagedKVManager
 from .request import FinishReason, Request, RequestStatus
 from .scheduler import Scheduler
+from .stream_detokenizer import IncrementalDetokenizer
 
 _DTYPES = {
     DType.FLOAT32: torch.float32,
@@ -133,6 +134,8 @@ class LLMEngine:
         self.algorithm_for(params.sparse_algorithm or self.default_algorithm)
         sampler = SamplerState.create(params, torch.device(self.device))
         req = Request(request_id, list(prompt_ids), params, sampler, next(self._arrival))
+        if params.stop:
+            req.stop_detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
         self._requests[request_id] = req
         self.scheduler.add(req)
 
@@ -269,24 +272,20 @@ class LLMEngine:
         p = req.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return FinishReason.STOP
-        if p.stop and self._cut_at_stop(req) is not None:
-            return FinishReason.STOP
+        if req.stop_detokenizer is not None:
+            req.stop_detokenizer.push([token])
+            if req.stop_detokenizer.stopped:
+                return FinishReason.STOP
         if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_context:
             return FinishReason.LENGTH
         return None
 
-    def _cut_at_stop(self, req: Request) -> str | None:
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in req.params.stop if s in text]
-        return text[: min(hits)] if hits else None
-
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        cut = self._cut_at_stop(req) if req.params.stop else None
-        req.output_text = (
-            cut
-            if cut is not None
-            else self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-        )
+        detok = req.stop_detokenizer
+        if detok is not None and detok.stopped:
+            req.output_text = detok.text  # cut before the stop string
+        else:
+            req.output_text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         self.scheduler.remove(req)
         self._release_index(req)

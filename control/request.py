@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from spinserve.runtime.sampling import SamplerState, SamplingParams
 
@@ -32,6 +33,7 @@ class Request:
     num_cached_tokens: int = 0  # tokens whose K/V are in the pool
     finish_reason: FinishReason | None = None
     output_text: str = ""  # set when finished (stop strings cut off)
+    stop_detokenizer: Any = None  # IncrementalDetokenizer watching for stop strings, if any
 
     @property
     def all_ids(self) -> list[int]:
