@@ -85,6 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     more = {"server.host": args.host, "server.port": args.port, "server.api_key": args.api_key}
     settings = _settings(args, **more)
+    if args.engine is None and settings.server.model_name is None:
+        from spinserve.engines.embedded import EMBEDDED_NAME
+
+        settings = _settings(args, **more, **{"server.model_name": EMBEDDED_NAME})
     run_server(resolve_engine_dir(args.engine, settings), settings)
     return 0
 
