@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .hierarchy import HierarchicalKV
 
 
 class ForwardMode(enum.Enum):
@@ -27,6 +31,9 @@ class SparseDecode:
     seq_lens: torch.Tensor  # [B] int64, context length including the new token
     page_table: torch.Tensor  # [L, B, KV, N] int32, pool slot of logical page j (0 = padding)
     budget_tokens: torch.Tensor  # [B] int64, dynamic-page budget of each request
+    # set: logical pages resolve through the HBM/host hierarchy (runtime/hierarchy.py) instead
+    # of page_table; req_slots are then also the page directory's rows
+    hierarchy: HierarchicalKV | None = None
 
 
 @dataclass

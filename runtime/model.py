@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from spinserve.configs.model import ModelConfig
 from spinserve.plugins import ops
 
-from .batch import ForwardBatch, ForwardMode
+from .batch import ForwardBatch, ForwardMode, SparseDecode
 from .rope import apply_rope, cos_sin, inv_frequencies
 from .sparse.planner import SparsePlanner
 
@@ -23,6 +23,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def _hierarchical_plan(
+    planner: SparsePlanner, layer: int, q: torch.Tensor, k: torch.Tensor, sp: SparseDecode
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Select LOGICAL pages with the planner's algorithm, then resolve them to HBM slots through
+    the hierarchy (misses fetched from the host pool) instead of the resident page table."""
+    state = planner.states[layer]
+    planner.algo.index_decode(state, sp.req_slots, k, sp.seq_lens - 1)
+    sel = planner.algo.select(state, q, sp.req_slots, sp.seq_lens, sp.budget_tokens)
+    slots = sp.hierarchy.resolve(layer, sp.req_slots, sel.kv_indptr, sel.page_ids)
+    return sel.kv_indptr, slots, sel.kv_last_page_len
 
 
 class LlamaModel:
@@ -60,7 +72,9 @@ class LlamaModel:
         kv_slots = batch.kv_slots[layer]
         if batch.mode is ForwardMode.DECODE:
             indptr, last_len = batch.kv_indptr, batch.kv_last_page_len
-            if batch.sparse is not None:
+            if batch.sparse is not None and batch.sparse.hierarchy is not None:
+                indptr, kv_slots, last_len = _hierarchical_plan(planner, layer, q, k, batch.sparse)
+            elif batch.sparse is not None:
                 sp = batch.sparse
                 indptr, kv_slots, last_len = planner.plan_decode(
                     layer,
@@ -98,11 +112,16 @@ class LlamaModel:
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.w["embed_tokens.weight"])
         cos, sin = cos_sin(self.inv_freq, batch.positions, self.dtype)
+        hier = batch.sparse.hierarchy if batch.sparse is not None else None
+        if hier is not None:
+            hier.begin_step(batch.append_slots)
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             h = rms_norm(x, self.w[p + "input_norm.weight"], eps)
             x = x + self._attention(i, h, batch, kv_pool, cos, sin, planner)
             h = rms_norm(x, self.w[p + "post_attention_norm.weight"], eps)
             x = x + self._mlp(i, h)
+        if hier is not None:
+            hier.offload_completed(batch.sparse.req_slots, batch.positions, batch.append_slots)
         x = rms_norm(x[batch.logits_indices], self.w["norm.weight"], eps)
         return F.linear(x, self.lm_head).float()
