@@ -152,9 +152,15 @@ def _reason_str(reason: Any) -> str:
     return str(value) if value is not None else "stop"
 
 
+class CommandKind(enum.Enum):
+    ADD = "add"
+    ABORT = "abort"
+    WAKE = "wake"  # no-op: unblocks the engine thread (shutdown)
+
+
 @dataclass(slots=True)
 class _Command:
-    kind: str  # "add" | "abort" | "wake"
+    kind: CommandKind
     request_id: str = ""
     prompt_ids: list[int] = field(default_factory=list)
     params: Any = None
@@ -233,7 +239,7 @@ class AsyncEngine:
             stream._put(_Failure(EngineUnavailable("server shutting down: request aborted")))
             self.abort(stream.request_id)
         self._stop_thread.set()
-        self._inbox.put(_Command("wake"))
+        self._inbox.put(_Command(CommandKind.WAKE))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
         if self.state is not EngineState.FAILED:
@@ -253,11 +259,11 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, len(prompt_ids), tuple(params.stop))
         self._streams[request_id] = stream
-        self._inbox.put(_Command("add", request_id, list(prompt_ids), params))
+        self._inbox.put(_Command(CommandKind.ADD, request_id, list(prompt_ids), params))
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(_Command("abort", request_id))
+        self._inbox.put(_Command(CommandKind.ABORT, request_id))
 
     def _forget(self, stream: RequestStream) -> None:
         if self._streams.pop(stream.request_id, None) is not None and self._on_request_done:
@@ -326,12 +332,12 @@ class AsyncEngine:
                 return
 
     def _apply(self, cmd: _Command) -> None:
-        if cmd.kind == "add":
+        if cmd.kind is CommandKind.ADD:
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
             except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
                 self._post(self._fail, cmd.request_id, e)
-        elif cmd.kind == "abort":
+        elif cmd.kind is CommandKind.ABORT:
             self.engine.abort(cmd.request_id)
 
     def _step(self) -> None:

@@ -13,7 +13,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Algorithm names when spinserve.runtime.sparse (the registry) is not importable.
 FALLBACK_SPARSE_ALGORITHMS = ("dense", "streaming", "quest", "shadowkv", "retroinfer")
@@ -202,6 +209,8 @@ class StreamOptions(_Strict):
 
 
 class _OpenAIBase(_Strict):
+    """Fields OpenAI clients may send as null mean "the default" (as OpenAI's API takes them)."""
+
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -219,6 +228,13 @@ class _OpenAIBase(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     parameters: SparseParameters | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k == "model"}
+        return data
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [

@@ -113,9 +113,15 @@ async def infer(request: Request) -> Response:
         raise ProtocolError(400, "stream=true needs /v2/models/{m}/generate_stream", param="stream")
     specs = specs_from_tensors(tensors, sparse)
     prepared = [await prepare(st, s, "text_input") for s in specs]  # all rows valid first
-    texts = await asyncio.gather(
-        *(_generate_one(request, st, s, p) for s, p in zip(specs, prepared))
-    )
+    rows = [
+        asyncio.ensure_future(_generate_one(request, st, s, p)) for s, p in zip(specs, prepared)
+    ]
+    try:
+        texts = await asyncio.gather(*rows)
+    except BaseException:
+        for row in rows:  # one row failed: cancel (and so abort) the others
+            row.cancel()
+        raise
     shape = tensors["text_input"][0]
     binary = bool((req.parameters or {}).get("binary_data_output")) or any(
         bool((o.parameters or {}).get("binary_data")) for o in req.outputs or []

@@ -98,7 +98,8 @@ class ServerProcess:
             str(MAX_BODY_BYTES),
             str(KV_CACHE_TOKENS),
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # one intra-op thread: on a few shared cores OpenMP teams spin against each other
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", SERVER_SCRIPT, *args],

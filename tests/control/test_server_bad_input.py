@@ -289,3 +289,7 @@ def test_health_needs_no_auth_and_server_still_generates(server):
         timeout=TIMEOUT_S,
     )
     assert r.status_code == 200 and isinstance(r.json()["text_output"], str)
+    nulls = chat(max_tokens=3, temperature=None, top_p=None, stop=None, seed=None, ignore_eos=True)
+    r = httpx.post(server.base_url + CHAT, json=nulls, headers=server.headers, timeout=TIMEOUT_S)
+    assert r.status_code == 200, r.text  # null means "default", as OpenAI's API takes it
+    assert r.json()["usage"]["completion_tokens"] == 3

@@ -6,8 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from spinserve.control.stream_detokenizer import IncrementalDetokenizer
 from tiny_models import make_tokenizer
+
+from spinserve.control.stream_detokenizer import IncrementalDetokenizer
 
 # multi-byte characters (2-3 UTF-8 bytes) whose every byte the tiny tokenizer's vocabulary holds
 ALPHABET = list("abc xyz.,!\n") + ["é", "ü", "ñ", "文", "€", "あ", "—", "→", "♥"]
