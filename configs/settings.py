@@ -42,6 +42,9 @@ class EngineSettings(BaseModel):
     prefill_chunk_tokens: int = Field(512, ge=8, description="longest prefill chunk per request")
     max_context: int | None = Field(None, ge=16, description="cap below the model's own")
     cuda_graphs: bool = Field(True, description="replay decode as CUDA graphs (CUDA only)")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU (None = torch's default)"
+    )
 
 
 class CacheSettings(BaseModel):

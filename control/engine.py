@@ -77,6 +77,8 @@ class LLMEngine:
         self.manifest = manifest = read_manifest(self.engine_dir)
         self.model_config = cfg = manifest.model
         self.device = resolve_device(settings.engine.device)
+        if self.device == "cpu" and settings.engine.cpu_threads is not None:
+            torch.set_num_threads(settings.engine.cpu_threads)
         dtype = settings.engine.dtype
         if dtype is DType.AUTO:
             dtype = DType.BFLOAT16 if self.device == "cuda" else DType.FLOAT32
@@ -104,6 +106,7 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, Request] = {}
         self._arrival = itertools.count()
+        self._num_preemptions = 0
 
     @classmethod
     def from_engine_dir(cls, path: Path, **overrides) -> LLMEngine:
@@ -192,11 +195,16 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "kv_pages_total": self.kv.capacity_pages,
             "kv_pages_used": self.kv.capacity_pages - self.kv.free_pages,
+            # every page of this KV manager is resident in the device pool
+            "hbm_pages_total": self.kv.capacity_pages,
+            "hbm_pages_used": self.kv.capacity_pages - self.kv.free_pages,
+            "num_preemptions": self._num_preemptions,
         }
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self._num_preemptions += len(sched.preempted)
         for req in sched.preempted:
             self._release_index(req)
         new_tokens: dict[str, int] = {}
