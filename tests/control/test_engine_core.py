@@ -43,6 +43,7 @@ def test_small_pool_preempts_and_recomputes_to_identical_outputs(engine_dir):
     assert tight.kv.capacity_pages == 12
     outs = tight.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert tight.stats()["num_preemptions"] > 0  # the case really preempted
     tight.check_integrity()
     assert tight.kv.free_pages == tight.kv.capacity_pages
 
