@@ -52,7 +52,7 @@ from spinserve.runtime.hierarchy import (
 )
 from spinserve.runtime.lru import PAD, BucketedLRU, page_entry_index
 from spinserve.runtime.model import LlamaModel
-from spinserve.runtime.sparse.base import PageSelection
+from spinserve.runtime.sparse.base import PageSelection, SparseParams
 
 DEV, BF16 = "cuda", torch.bfloat16
 B, CTX, P = 32, 32768 - 8, 16  # the new token sits at offset 7 of the last page: no page completes
@@ -143,6 +143,8 @@ class GraphQuest:
         g = torch.Generator(DEV).manual_seed(seed)
         KV, D, N = cfg.num_kv_heads, cfg.head_dim, num_pages
         self.algo, self.KV, self.N, self.C = self, KV, N, SINKS + WINDOW + BUDGET
+        # every layer sparse (no dense first layers: their full KV would not fit beside (b))
+        self.params = SparseParams(BUDGET * P, SINKS * P, WINDOW * P, dense_layers=0)
         R = B * KV
         self.states = []
         for layer in range(cfg.num_layers):

@@ -31,8 +31,9 @@ class SparseDecode:
     seq_lens: torch.Tensor  # [B] int64, context length including the new token
     page_table: torch.Tensor  # [L, B, KV, N] int32, pool slot of logical page j (0 = padding)
     budget_tokens: torch.Tensor  # [B] int64, dynamic-page budget of each request
-    # set: logical pages resolve through the HBM/host hierarchy (runtime/hierarchy.py) instead
-    # of page_table; req_slots are then also the page directory's rows
+    # set: logical pages of sparse layers resolve through the HBM/host hierarchy
+    # (runtime/hierarchy.py) instead of page_table (still read for the planner's dense layers);
+    # req_slots are then also the page directory's rows
     hierarchy: HierarchicalKV | None = None
 
 

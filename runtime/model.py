@@ -29,7 +29,13 @@ def _hierarchical_plan(
     planner: SparsePlanner, layer: int, q: torch.Tensor, k: torch.Tensor, sp: SparseDecode
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select LOGICAL pages with the planner's algorithm, then resolve them to HBM slots through
-    the hierarchy (misses fetched from the host pool) instead of the resident page table."""
+    the hierarchy (misses fetched from the host pool) instead of the resident page table.
+    Dense layers (params.dense_layers) read every page: their pages stay HBM-resident and go
+    through sp.page_table as in the resident path."""
+    if layer < planner.algo.params.dense_layers:
+        return planner.plan_decode(
+            layer, q, k, sp.req_slots, sp.seq_lens, sp.page_table[layer], sp.budget_tokens
+        )
     state = planner.states[layer]
     planner.algo.index_decode(state, sp.req_slots, k, sp.seq_lens - 1)
     sel = planner.algo.select(state, q, sp.req_slots, sp.seq_lens, sp.budget_tokens)
