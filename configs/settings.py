@@ -56,6 +56,13 @@ class CacheSettings(BaseModel):
     )
     kv_memory_fraction: float = Field(0.85, gt=0, le=0.95, description="of free GPU memory")
     cpu_kv_memory_gib: float = Field(2.0, gt=0, description="KV pool size on CPU")
+    hierarchy: bool = Field(
+        False, description="sparse requests keep only their working set in HBM (host pool)"
+    )
+    host_pool_tokens: int | None = Field(
+        None, ge=16, description="pinned host KV pool in tokens; None = 2x the HBM pool"
+    )
+    buffer_ratio: float = Field(4.0, ge=0, description="HBM buffer pages per mandatory page")
 
     @field_validator("page_size")
     @classmethod
@@ -70,6 +77,9 @@ class SparseSettings(BaseModel):
 
     algorithm: str = "dense"
     budget_tokens: int = Field(2048, ge=1)
+    sink_tokens: int = Field(16, ge=0)
+    window_tokens: int = Field(128, ge=0)
+    dense_layers: int = Field(2, ge=0, description="first layers attend densely")
 
 
 class ServerSettings(BaseModel):

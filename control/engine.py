@@ -22,6 +22,7 @@ from spinserve.runtime.model_runner import DENSE, ModelRunner, kv_bytes_per_slot
 from spinserve.runtime.sampling import SamplerState, SamplingParams, sample
 from spinserve.runtime.sparse import SparseParams
 
+from .hier_kv_manager import HierarchicalKVManager, manager_for_runner, mandatory_pages
 from .kv_manager import BatchItem, PagedKVManager
 from .request import FinishReason, Request, RequestStatus
 from .scheduler import Scheduler
@@ -89,7 +90,8 @@ class LLMEngine:
         weights = load_weights(self.engine_dir, manifest, self.device, self.dtype)
         num_slots = _num_slots(manifest, settings, self.device, self.dtype, self.page_size)
         max_requests = settings.engine.max_running_requests
-        sparse = SparseParams(budget_tokens=settings.sparse.budget_tokens)
+        sp = settings.sparse
+        sparse = SparseParams(sp.budget_tokens, sp.sink_tokens, sp.window_tokens, sp.dense_layers)
         self.runner = ModelRunner(cfg, weights, self.page_size, num_slots, max_requests, sparse)
         if self.device == "cuda" and settings.engine.cuda_graphs:
             self.runner.capture_decode_graphs(max_requests, self.max_context)
@@ -99,7 +101,15 @@ class LLMEngine:
         # prefill until it finishes or is preempted
         self._free_req_slots = list(range(max_requests - 1, -1, -1))
         self._req_slot: dict[str, int] = {}
-        self.kv = PagedKVManager(cfg.num_layers, cfg.num_kv_heads, self.page_size, num_slots)
+        # hierarchy: sparse requests keep their working set in HBM, every page in the host pool
+        self.hierarchy = settings.cache.hierarchy
+        self.kv: PagedKVManager | HierarchicalKVManager
+        if self.hierarchy:
+            self.kv = manager_for_runner(
+                self.runner, settings.cache, max_requests, self.max_context, self._mandatory_of
+            )
+        else:
+            self.kv = PagedKVManager(cfg.num_layers, cfg.num_kv_heads, self.page_size, num_slots)
         self.scheduler = Scheduler(settings.engine, self.kv)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -128,6 +138,13 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise RequestError(f"token ids {bad[:4]} are outside the vocabulary")
+        if self.kv.pages_for(len(prompt_ids) + 1) > self.kv.capacity_pages and self.hierarchy:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens does not fit: its prefill is HBM-resident "
+                f"and every page has a host copy, and the pools hold "
+                f"{self.kv.capacity_pages * self.page_size} tokens: raise cache.kv_cache_tokens"
+                " / cache.host_pool_tokens or shorten the prompt"
+            )
         if self.kv.pages_for(len(prompt_ids) + 1) > self.kv.capacity_pages:
             raise RequestError(
                 f"prompt of {len(prompt_ids)} tokens needs more KV pages than the whole pool "
@@ -154,11 +171,20 @@ class LLMEngine:
     def _algorithm(self, req: Request) -> str:
         return req.params.sparse_algorithm or self.default_algorithm
 
+    def _mandatory_of(self, request_id: str) -> int | None:
+        """Pages a sparse request's row selects per step at most (None: dense, all pages)."""
+        req = self._requests[request_id]
+        if self._algorithm(req) == DENSE:
+            return None
+        budget = req.params.sparse_budget_tokens or self.settings.sparse.budget_tokens
+        return mandatory_pages(self.runner.sparse_params, budget, self.page_size)
+
     def _release_index(self, req: Request) -> None:
         slot = self._req_slot.pop(req.request_id, None)
         if slot is not None:
             self.runner.release(self._algorithm(req), slot)
-            self._free_req_slots.append(slot)
+            if not self.hierarchy:  # with hierarchy the slot is the request's directory row
+                self._free_req_slots.append(slot)
 
     def _index_prefill(self, req: Request) -> None:
         """A request finished its prefill: index its keys for its sparse algorithm."""
@@ -167,9 +193,13 @@ class LLMEngine:
             return
         slot = self._req_slot.get(req.request_id)
         if slot is None:
-            slot = self._req_slot[req.request_id] = self._free_req_slots.pop()
+            free = self._free_req_slots
+            slot = self.kv.request_slot(req.request_id) if self.hierarchy else free.pop()
+            self._req_slot[req.request_id] = slot
         table = torch.as_tensor(self.kv.request_table(req.request_id)).to(self.device)
         self.runner.index_prefill(algorithm, slot, table, req.num_cached_tokens)
+        if self.hierarchy:  # offload the prefill, keep the working set
+            self.kv.finish_prefill(req.request_id, req.num_cached_tokens)
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
@@ -249,6 +279,8 @@ class LLMEngine:
                 page_table=torch.as_tensor(self.kv.batch_table(ids)).to(self.device),
                 budget_tokens=self._tensor(budgets),
             )
+            if self.hierarchy:
+                self.kv.attach(batch.sparse, ids)
         logits = self.runner.forward(batch)
         for req in reqs:
             req.num_cached_tokens = req.num_tokens
