@@ -70,20 +70,28 @@ def _all_free(eng: LLMEngine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "page"), [("quest", 16), ("shadowkv", 8), ("retroinfer", 16)]
+    ("algorithm", "page", "dense_layers", "device"),
+    [
+        ("quest", 16, 0, "cpu"),
+        ("quest", 16, 1, "cpu"),  # layer 0 dense: its pages stay resident
+        ("shadowkv", 8, 0, "cpu"),
+        ("retroinfer", 16, 0, "cpu"),
+        pytest.param("quest", 16, 1, "cuda", marks=pytest.mark.gpu),
+        pytest.param("retroinfer", 16, 0, "cuda", marks=pytest.mark.gpu),
+    ],
 )
-def test_tiny_hbm_budget_is_transparent(engines, algorithm, page):
+def test_tiny_hbm_budget_is_transparent(engines, algorithm, page, dense_layers, device):
     """Buffer 0 (HBM holds the mandatory pages only): nearly every step misses, outputs equal
     those of the same algorithm with every page resident."""
-    kw = {**SPARSE, "sparse.algorithm": algorithm}
-    expected, _, _ = _run(LLMEngine.from_engine_dir(engines[page], device="cpu", **kw), _prompts())
+    kw = {**SPARSE, "sparse.algorithm": algorithm, "sparse.dense_layers": dense_layers}
+    expected, _, _ = _run(LLMEngine.from_engine_dir(engines[page], device=device, **kw), _prompts())
     tight = LLMEngine.from_engine_dir(
-        engines[page], device="cpu", **kw, **{"cache.hierarchy": True, "cache.buffer_ratio": 0}
+        engines[page], device=device, **kw, **{"cache.hierarchy": True, "cache.buffer_ratio": 0}
     )
     got, steps, fetching = _run(tight, _prompts())
     assert got == expected
     stats = tight.kv.stats.tolist()
-    assert fetching > steps // 2 and stats[FETCHED] > 100 and stats[SHORT] == 0
+    assert fetching > steps // 2 and stats[FETCHED] > 50 and stats[SHORT] == 0
     assert stats[HITS] < stats[LOOKUPS]
     _all_free(tight)
 
