@@ -197,3 +197,34 @@ def test_small_hbm_shrinks_buffers_and_stays_exact(engines):
     full = 7 + 4 * 7  # mandatory 7 pages (16 sinks, 16 window, 32 budget) + 4x buffer
     assert widths and min(widths) < full and eng.kv.stats[SHORT] == 0
     _all_free(eng)
+
+
+@pytest.mark.slow
+def test_smollm2_tiny_hbm_budget_is_transparent():
+    """The embedded SmolLM2 (30 layers, 2 dense) on ~700 tokens of real text (this repo's own
+    source): Quest with only its mandatory pages in HBM decodes the same greedy tokens as with
+    every page resident, while thousands of pages come from the host pool."""
+    from pathlib import Path
+
+    from spinserve.engines.embedded import embedded_engine_dir
+
+    engine_dir = embedded_engine_dir(progress=False)
+    kw = {
+        "sparse.algorithm": "quest",
+        "sparse.budget_tokens": 64,
+        "sparse.sink_tokens": 16,
+        "sparse.window_tokens": 32,
+        "cache.kv_cache_tokens": 8192,
+        "engine.dtype": "float32",
+    }
+    text = Path(__file__).read_text()
+    outs, stats = [], None
+    for extra in ({}, {"cache.hierarchy": True, "cache.buffer_ratio": 0}):
+        eng = LLMEngine.from_engine_dir(engine_dir, device="cpu", **kw, **extra)
+        ids = eng.tokenizer.encode(text)[:700]
+        outs.append(_run(eng, [ids, ids[100:500]], SamplingParams(max_tokens=24, ignore_eos=True)))
+        if extra:
+            stats = eng.kv.stats.tolist()
+            _all_free(eng)
+    assert outs[0][0] == outs[1][0]
+    assert stats[FETCHED] > 1000 and stats[SHORT] == 0
