@@ -229,7 +229,7 @@ class LLMEngine:
             "hbm_pages_total": self.kv.capacity_pages,
             "hbm_pages_used": self.kv.capacity_pages - self.kv.free_pages,
             "num_preemptions": self._num_preemptions,
-        }
+        } | (self.kv.metrics() if self.hierarchy else {})  # two tiers: HBM/host pages, hits
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -356,22 +356,39 @@ class HierarchicalKVManager:
         self._dirty_rows.clear()
         self._age_event: torch.cuda.Event | None = None
         # [num_hbm_slots] uint8 pinned: LRU ages copied before each launch (CUDA only)
-        self._age_host = torch.empty(
-            self.hbm_slots.num_slots, dtype=torch.uint8, pin_memory=self.device.type == "cuda"
-        )
+        cuda = self.device.type == "cuda"
+        self._age_host = torch.zeros(self.hbm_slots.num_slots, dtype=torch.uint8, pin_memory=cuda)
+        # two pinned [max_requests * LH * W] int32 staging buffers for row uploads, used in turn
+        shape = (self.config.max_requests, self.LH, self._width_cap)
+        self._row_staging = [torch.empty(shape, dtype=torch.int32, pin_memory=cuda) for _ in "ab"]
+        self._row_events: list[torch.cuda.Event | None] = [None, None]
+        self._row_turn = 0
 
     def flush(self) -> None:
         """Push table and row changes to the device: call right before a launch."""
         self.dir.flush()
         if self._dirty_rows:
-            idx = np.fromiter(self._dirty_rows, np.int64)
-            self._dirty_rows.clear()
-            rows = torch.from_numpy(self.row_slots_cpu[idx]).to(self.device)
-            self.row_slots_gpu.index_copy_(0, self._t(idx).long(), rows)
+            self._upload_rows()
         if self.device.type == "cuda":
             self._age_host.copy_(self.lru.ages(), non_blocking=True)
             self._age_event = torch.cuda.Event()
             self._age_event.record()
+
+    def _upload_rows(self) -> None:
+        """Dirty rows of row_slots in ONE non-blocking copy from a pinned staging buffer (two,
+        used in turn; one is reused only once its previous upload has completed)."""
+        idx = np.fromiter(sorted(self._dirty_rows), np.int64)
+        self._dirty_rows.clear()
+        turn = self._row_turn = 1 - self._row_turn
+        if self._row_events[turn] is not None:
+            self._row_events[turn].synchronize()  # two flushes ago: long done in practice
+        staging = self._row_staging[turn][: idx.size]
+        staging.numpy()[...] = self.row_slots_cpu[idx]
+        rows = staging.to(self.device, non_blocking=True)
+        self.row_slots_gpu.index_copy_(0, self._t(idx), rows)
+        if self.device.type == "cuda":
+            self._row_events[turn] = torch.cuda.Event()
+            self._row_events[turn].record()
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -380,6 +397,26 @@ class HierarchicalKVManager:
     def stats(self) -> torch.Tensor:
         """[5] int64 cumulative counters (runtime.hierarchy LOOKUPS, HITS, FETCHED, ...)."""
         return self.hierarchy.stats
+
+    def metrics(self) -> dict[str, float]:
+        """engine.stats() keys of control/metrics.py (reads the device counters: one sync, so
+        call it from a periodic snapshot, not per step). hit_rate covers the calls' interval."""
+        lookups, hits, fetched, _, offloaded = self.stats.tolist()
+        last = getattr(self, "_last_counts", (0, 0))
+        self._last_counts = (lookups, hits)
+        window = lookups - last[0]
+        slot_bytes = self.hbm_pool[0].numel() * self.hbm_pool.element_size()
+        return {
+            "hbm_pages_used": self.hbm_slots.num_used // self.LH,
+            "hbm_pages_total": self.hbm_slots.capacity // self.LH,
+            "host_pages_used": self.host.allocator.num_used // self.LH,
+            "host_pages_total": self.host.allocator.capacity // self.LH,
+            "hit_rate": (hits - last[1]) / window if window else 1.0,
+            "page_hits": hits,
+            "page_lookups": lookups,
+            "pcie_bytes_fetched": fetched * slot_bytes,
+            "pcie_bytes_offloaded": offloaded * slot_bytes,
+        }
 
     # ---- tables and batches ---------------------------------------------------------------
     def _resident(self, held: _Held, pages: np.ndarray) -> np.ndarray:

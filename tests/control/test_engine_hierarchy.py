@@ -172,8 +172,9 @@ def test_out_of_host_pool_waits_refuses_and_finishes(engines):
 
 
 def test_small_hbm_shrinks_buffers_and_stays_exact(engines):
-    """HBM of 30 pages for four requests with 4x buffers: buffers shrink toward the mandatory
-    pages (and requests wait), outputs stay exact.
+    """HBM of 30 pages for four requests with 4x buffers, prompts prefilled in 64-token chunks:
+    buffers shrink toward the mandatory pages (and requests wait), outputs stay exact; the
+    engine's stats report both tiers.
     (*) contexts stay within 16 pages: past that Quest's index buffers are regrown inside the
     model's inference mode and releasing them afterwards raises (pre-existing, reported)."""
     kw = {**SPARSE, "sparse.algorithm": "quest"}
@@ -182,7 +183,12 @@ def test_small_hbm_shrinks_buffers_and_stays_exact(engines):
     eng = LLMEngine.from_engine_dir(
         engines[16],
         device="cpu",
-        **{**kw, "cache.hierarchy": True, "cache.kv_cache_tokens": 30 * 16},
+        **{
+            **kw,
+            "cache.hierarchy": True,
+            "cache.kv_cache_tokens": 30 * 16,
+            "engine.prefill_chunk_tokens": 64,
+        },
     )
     widths = []
     orig = eng.kv.ensure
@@ -196,6 +202,15 @@ def test_small_hbm_shrinks_buffers_and_stays_exact(engines):
     assert got == expected
     full = 7 + 4 * 7  # mandatory 7 pages (16 sinks, 16 window, 32 budget) + 4x buffer
     assert widths and min(widths) < full and eng.kv.stats[SHORT] == 0
+    lookups, hits, fetched, _, offloaded = eng.kv.stats.tolist()
+    stats = eng.stats()
+    slot_bytes = 2 * 16 * 64 * 4  # K and V of 16 tokens x head_dim 64, float32
+    assert stats["page_lookups"] == lookups > stats["page_hits"] == hits > 0
+    assert stats["pcie_bytes_fetched"] == fetched * slot_bytes > 0
+    assert stats["pcie_bytes_offloaded"] == offloaded * slot_bytes > 0
+    assert stats["hit_rate"] == hits / lookups
+    assert stats["hbm_pages_total"] == 30 and stats["host_pages_total"] == 60
+    assert stats["hbm_pages_used"] == stats["host_pages_used"] == 0
     _all_free(eng)
 
 
