@@ -39,7 +39,7 @@ from spinserve.runtime.hierarchy import HierarchicalKV, HierarchyTables, TableLa
 from spinserve.runtime.lru import PAD, BucketedLRU
 from spinserve.runtime.sparse import SparseParams
 
-from .budgets import BudgetPolicy, Observation, initial_buffer, resize_buffers
+from .budgets import BudgetPolicy, Observation, hit_rate, initial_buffer, resize_buffers
 from .host_pool import HostPagePool
 from .kv_manager import BatchItem
 from .page_directory import NONE, DirectoryConfig, PageDirectory
@@ -96,6 +96,8 @@ class _Held:
     hierarchical: bool = False
     rows: np.ndarray | None = None  # [LHs, w] HBM slots of the sparse rows (unordered)
     tail: np.ndarray | None = None  # [LH] HBM slots of the tail page
+    seen: tuple[int, int] | None = None  # (lookups, hits) of its row at the last rebalance
+    prev: tuple[int, float] = (-1, float("nan"))  # (buffer, hit rate) at the last rebalance
 
 
 class HierarchicalKVManager:
@@ -301,6 +303,50 @@ class HierarchicalKVManager:
         for h, mand, b in zip(held, m, plan.buffer_pages, strict=True):
             h.width = min(h.width, int(mand + b))
             self._trim(h, h.width, by_age=True)
+
+    def rebalance(self, lookups_by_row: np.ndarray, hits_by_row: np.ndarray) -> None:
+        """Every N steps: resize the hierarchical requests' buffers from their hit rates since
+        the last call (resize_buffers: rising requests grow, highest gain first, into half of
+        the free HBM, then from saturated ones). lookups/hits: [max_requests] cumulative
+        counters per directory row. A grown row gets empty slots (LRU age max: first victims)."""
+        held = [h for h in self._held.values() if h.hierarchical]
+        if not held or self.LHs == 0:
+            return
+        rows = np.array([h.row for h in held])
+        now = np.stack([np.asarray(lookups_by_row)[rows], np.asarray(hits_by_row)[rows]], 1)
+        # a row's counters include earlier owners': a request's first call only starts counting
+        seen = np.array([h.seen or tuple(c) for h, c in zip(held, now)], np.int64)
+        d_lookups, d_hits = (now.astype(np.int64) - seen).T
+        m = np.array([h.mandatory for h in held], np.int64)
+        buf = np.array([h.width for h in held], np.int64) - m
+        rate = hit_rate(d_hits, d_lookups)
+        prev = [h.prev for h in held]
+        obs = Observation(
+            m, buf, rate, np.array([p[0] for p in prev]), np.array([p[1] for p in prev])
+        )
+        pool = int((m + buf).sum()) + self.hbm_slots.num_free // 2 // self.LHs
+        plan = resize_buffers(obs, pool, self.policy)
+        for i, h in enumerate(held):
+            h.seen = (int(now[i, 0]), int(now[i, 1]))
+            h.prev = (int(buf[i]), float(rate[i]))
+            width = int(m[i] + plan.buffer_pages[i])
+            if width < h.width:
+                h.width = width
+                self._trim(h, width, by_age=True)
+            elif width > h.width:
+                h.width = width
+                self._grow_caps(width + 1, h.mandatory)
+                self._widen(h)
+
+    def _widen(self, held: _Held) -> None:
+        """Give the rows empty slots up to the width (not beyond the completed pages)."""
+        add = min(held.width, held.num_pages - 1) - held.rows.shape[1]
+        if add <= 0 or not self.hbm_slots.can_alloc(add * self.LHs):
+            return
+        slots = self.dir.own_hbm(held.row, add * self.LHs).reshape(self.LHs, add)
+        self.lru.mark_empty(self._t(slots))
+        held.rows = np.concatenate([held.rows, slots.astype(np.int32)], axis=1)
+        self._trim(held, held.width, by_age=False)  # nothing to drop: refreshes the mirror
 
     def _trim(self, held: _Held, width: int, by_age: bool) -> None:
         """Drop row slots beyond `width`: the oldest by LRU age (ties: lower column), or the

@@ -158,6 +158,39 @@ def test_hbm_pressure_shrinks_buffers_before_failing():
     h.kv.check_integrity(on_device=True)
 
 
+def test_rebalance_grows_the_missing_request_from_free_hbm():
+    h = Harness(hbm_pages=40, host_pages=60, dense_layers=0, ratio=1.0)  # width 4 of 2
+    for rid, uid in (("a", 1), ("b", 2)):
+        h.add(rid, uid, 2)
+        h.kv.ensure(rid, 96)  # 12 full pages
+        h.write(ForwardMode.PREFILL, [BatchItem(rid, 0, [0] * 96)])
+        h.kv.finish_prefill(rid, 96)
+    a, b = h.kv._held["a"], h.kv._held["b"]
+    assert (a.row, b.row, a.width, b.width) == (0, 1, 4, 4)
+    b_rows = b.rows.copy()
+    lookups, hits = np.full(4, 7, np.int64), np.full(4, 5, np.int64)  # earlier owners' counts
+    h.kv.rebalance(lookups, hits)  # first call: starts counting, nothing known yet
+    assert (a.width, b.width) == (5, 5) and a.seen == (7, 5)  # both miss (unknown): explore
+    for held in (a, b):  # back to the initial widths
+        held.width = 4
+        h.kv._trim(held, 4, by_age=True)
+        held.prev = (-1, float("nan"))
+    lookups[:2], hits[:2] = 107, (55, 105)  # a misses half its pages, b never misses
+    h.kv.rebalance(lookups, hits)
+    assert (a.width, b.width) == (5, 4) and np.array_equal(b.rows, b_rows)
+    new = a.rows[:, 4]  # one empty slot per row, oldest age: the next victims
+    assert (h.kv.lru.ages(torch.from_numpy(new)) == 255).all()
+    assert np.array_equal(h.kv.row_slots_cpu[a.row, :, :5], a.rows)
+    h.kv.check_integrity(on_device=True)
+    lookups[:2], hits[:2] = 207, (155, 205)  # a's extra page raised its hit rate: grow again
+    h.kv.rebalance(lookups, hits)
+    assert (a.width, b.width) == (6, 4) and a.rows.shape == (LH, 6)
+    lookups[:2], hits[:2] = 307, (255, 305)  # no further gain: a keeps its width
+    h.kv.rebalance(lookups, hits)
+    assert (a.width, b.width) == (6, 4)
+    h.kv.check_integrity(on_device=True)
+
+
 def _select(rng: random.Random, num_pages: int, mandatory: int) -> list[int]:
     """A random selection: the tail page plus up to mandatory - 1 others, ascending."""
     others = rng.sample(range(num_pages - 1), min(num_pages - 1, rng.randrange(mandatory)))
@@ -203,6 +236,7 @@ def test_random_operations_keep_contents_and_accounting():
     kv = h.kv
     tokens: dict[str, int] = {}  # tokens in the cache per live request
     waiting: list[str] = []
+    lookups, hits = np.zeros(4, np.int64), np.zeros(4, np.int64)  # per-row counters
     for op in range(1500):
         rid = f"r{op}"
         if rng.random() < 0.15:
@@ -232,6 +266,11 @@ def test_random_operations_keep_contents_and_accounting():
             need = sum(kv.extra_pages(r, tokens[r] + 1) for r in live)
         if live:
             _decode_step(h, rng, live, tokens)
+        if op % 25 == 0:  # buffers follow (random) hit rates
+            more = np.array([rng.randrange(1, 50) for _ in range(4)])
+            lookups += more
+            hits += np.array([rng.randrange(0, int(n) + 1) for n in more])
+            kv.rebalance(lookups, hits)
         if op % 100 == 0:
             kv.check_integrity(on_device=True)
     stats = kv.stats.tolist()
