@@ -437,7 +437,12 @@ class HierarchicalKVManager:
             self._row_events[turn].record()
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        """A small host array on the device without a sync: through pinned memory on CUDA
+        (torch's pinned allocator keeps the block until the copy has run)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @property
     def stats(self) -> torch.Tensor:
