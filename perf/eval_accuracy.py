@@ -249,6 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="combine result files of partial grids into one record (+ plot)",
     )
+    ap.add_argument("--measured-on", default=None, help="--merge: device of partial records")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return ap.parse_args(argv)
 
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         (a.dump_text / "held_out.txt").write_text(load_text(HELD_OUT_BOOKS, None))
         return 0
     if a.merge:
-        print(f"wrote {merge_results(a.merge, a.out)}")
+        print(f"wrote {merge_results(a.merge, a.out, a.measured_on)}")
         return 0
     for name in a.algorithms:
         get_algorithm(name)  # unknown name: ValueError listing the known ones

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from collections import defaultdict
@@ -72,8 +73,8 @@ def git_sha() -> str:
             capture_output=True,
             text=True,
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # e.g. a copy of the tree without .git
+        return os.environ.get("SPIN_GIT_SHA", "unknown")
     return sha + ("+dirty" if dirty else "")
 
 
@@ -98,8 +99,9 @@ def write_results(
     return path
 
 
-def merge_results(paths: list[Path], out_dir: Path) -> Path:
-    """Records of partial grids (same model, settings) -> one record with the union of rows."""
+def merge_results(paths: list[Path], out_dir: Path, measured_on: str | None = None) -> Path:
+    """Records of partial grids (same model, settings) -> one record with the union of rows.
+    measured_on: the device of records that lack one (eval_accuracy_partial.json files)."""
     records = [json.loads(Path(p).read_text()) for p in paths]
     metrics = {
         k: [r for rec in records for r in rec["metrics"].get(k, [])]
@@ -111,7 +113,8 @@ def merge_results(paths: list[Path], out_dir: Path) -> Path:
     metrics["summary"] = summarize(metrics, config["algorithms"])
     metrics["merged_from"] = [str(p) for p in paths]
     metrics["wall_s"] = sum(rec["metrics"].get("wall_s", 0) for rec in records)
-    devices = sorted({rec.get("device", "?") for rec in records})
+    metrics["git_sha_of_parts"] = [rec.get("git_sha", "unknown") for rec in records]
+    devices = sorted({rec.get("device") or measured_on or "unknown" for rec in records})
     return write_results(
         out_dir, config, metrics, records[0].get("engine", "?"), device=" + ".join(devices)
     )
@@ -131,7 +134,9 @@ def plot(record: dict, path: Path) -> Path | None:
         ("agreement_match_rate", "greedy agreement with dense"),
         ("perplexity", "perplexity"),
     ]
-    contexts = sorted({c for by_c in s["passkey_accuracy"].values() for c in by_c})
+    contexts = sorted({int(c) for k, _ in panels for by_c in s[k].values() for c in by_c})
+    if not contexts:
+        return None
     fig, axes = plt.subplots(
         len(panels), len(contexts), figsize=(4 * len(contexts), 9), squeeze=False
     )
@@ -139,7 +144,7 @@ def plot(record: dict, path: Path) -> Path | None:
         for j, c in enumerate(contexts):
             ax = axes[i][j]
             for algo, by_c in s[key].items():
-                by_b = by_c.get(c)
+                by_b = {int(b): v for b, v in (by_c.get(c) or by_c.get(str(c)) or {}).items()}
                 if not by_b:
                     continue
                 if algo == DENSE:

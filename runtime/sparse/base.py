@@ -252,7 +252,7 @@ class SparseAlgorithm(ABC):
     def reserve(self, state: SparseState, num_pages: int) -> None:
         """Grow the state to hold `num_pages` logical pages per row now (outside a CUDA graph),
         so index/select never reallocate inside one."""
-        if state.buffers is not None:
+        if state is not None and state.buffers is not None:
             state.buffers.ensure(num_pages)
 
     # ---- Select ------------------------------------------------------------------------------
