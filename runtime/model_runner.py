@@ -60,6 +60,7 @@ class ModelRunner:
             )
         return self._planners[algorithm]
 
+    @torch.inference_mode()
     def index_prefill(
         self, algorithm: str, req_slot: int, page_table: torch.Tensor, seq_len: int
     ) -> None:
@@ -68,7 +69,9 @@ class ModelRunner:
         planner.release(req_slot)
         planner.index_prefill(self.kv_pool, req_slot, page_table, seq_len)
 
+    @torch.inference_mode()
     def release(self, algorithm: str, req_slot: int) -> None:
+        # index buffers may have been (re)allocated inside the model's inference mode
         if algorithm in self._planners:
             self._planners[algorithm].release(req_slot)
 
