@@ -17,6 +17,7 @@ import torch
 
 from . import _validate as V
 from . import reference as ref
+from ._ops_hierarchy import resolve_pages
 from ._ops_sparse import gather_pages, scatter_pages, score_pages, select_pages
 from ._triton_util import use_triton
 from .triton_decode import paged_decode_attention_triton
@@ -30,6 +31,7 @@ __all__ = [
     "gather_pages",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "resolve_pages",
     "scatter_pages",
     "score_pages",
     "select_pages",
@@ -220,6 +222,7 @@ def _check_prefill(q, kv_pool, qo_indptr, kv_indptr, kv_slots, kv_last_page_len)
     V.check_heads("paged_prefill_attention", q.shape[1], num_kv_heads)
     V.check_csr(
         "paged_prefill_attention",
+        "resolve_pages",
         kv_indptr,
         kv_slots,
         kv_last_page_len,

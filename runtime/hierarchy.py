@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from spinserve.plugins import ops
+from spinserve.plugins._triton_util import use_triton
 
 from .lru import PAD, BucketedLRU, assign_victims, install_pages, page_entry_index
 
@@ -85,6 +86,7 @@ class HierarchicalKV:
         hbm_pool: torch.Tensor,
         host_pool: torch.Tensor,
         max_selected_pages: int,
+        fused: bool | None = None,
     ) -> None:
         if max_selected_pages < 1:
             raise ValueError(f"max_selected_pages must be >= 1, got {max_selected_pages}")
@@ -92,6 +94,8 @@ class HierarchicalKV:
         self.hbm_pool, self.host_pool = hbm_pool, host_pool
         self.max_selected_pages = max_selected_pages
         self.device = hbm_pool.device
+        # one fused kernel per layer (plugins resolve_pages) where Triton runs; else torch ops
+        self.fused = use_triton(hbm_pool) if fused is None else fused
         # [num_segments * S * LH] int32: host_l2 flattened (index = meta index - l2_offset)
         self.host_flat = tables.host_l2.reshape(-1)
         # [5] int64 cumulative: selected pages looked up, hits, pages fetched, misses left
@@ -113,6 +117,8 @@ class HierarchicalKV:
         page_ids: torch.Tensor,  # [cap] int32: logical pages, ascending per row
     ) -> torch.Tensor:  # [cap] int32: HBM slot of each selected page (dummy past indptr[-1])
         """Residency lookup, victims, install, ONE gather of the misses; see the module doc."""
+        if self.fused:
+            return self._resolve_fused(layer, req_slots, kv_indptr, page_ids)
         L = self.layout
         B, KV = req_slots.shape[0], L.num_kv_heads
         req = req_slots.long()[:, None].expand(B, KV).reshape(-1)  # [R] directory row per row
@@ -128,6 +134,7 @@ class HierarchicalKV:
             L.num_layer_heads,
             L.spare,
         )  # [R, K] int64 meta index of each page's HBM entry (padding -> spare)
+        valid = valid & (entries != L.spare)  # a page past the request's directory: none
         slots = self.tables.meta[entries]  # [R, K] int32, -1 = not resident
         hit = valid & (slots >= 0)
         miss = valid & ~hit
@@ -145,6 +152,24 @@ class HierarchicalKV:
         out = torch.zeros(page_ids.numel() + 1, dtype=torch.int32, device=self.device)
         out.scatter_(0, where_.reshape(-1), final.reshape(-1))
         return out[: page_ids.numel()]
+
+    def _resolve_fused(self, layer, req_slots, kv_indptr, page_ids) -> torch.Tensor:
+        """The same step as one resolve_pages kernel (one program per row) + one gather."""
+        L, K = self.layout, self.max_selected_pages
+        rows = kv_indptr.numel() - 1
+        out = torch.zeros_like(page_ids)  # [cap] int32
+        # [rows * K] int32 compact (host slot, HBM slot) list of installed misses + its count
+        gather_host = torch.zeros(rows * K, dtype=torch.int32, device=self.device)
+        gather_hbm = torch.zeros_like(gather_host)
+        count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        ops.resolve_pages(
+            kv_indptr, page_ids, req_slots.long(), self.tables.directory, self.tables.meta,
+            self.host_flat, self.tables.row_slots, self.lru.epoch, self.lru.current, out,
+            gather_host, gather_hbm, count, self.stats,
+            layer, L.num_kv_heads, L.l2_offset, L.rev_offset, L.segment_pages, K,
+        )  # fmt: skip
+        ops.gather_pages(self.host_pool, self.hbm_pool, gather_host, gather_hbm, count)
+        return out
 
     def _gather(self, entries: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
         """ONE gather_pages launch: host copy of each installed miss -> its victim slot.

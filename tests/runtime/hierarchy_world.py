@@ -29,6 +29,7 @@ class World:
         num_host: int = 200,
         device: str = "cpu",
         seed: int = 0,
+        fused: bool = False,
     ) -> None:
         self.L, self.KV, self.device = num_layers, num_kv_heads, torch.device(device)
         self.LH = num_layers * num_kv_heads
@@ -51,7 +52,7 @@ class World:
         layout = TableLayout(d.l2_offset, d.rev_offset, d.spare, 4, num_layers, num_kv_heads, P)
         tables = HierarchyTables(d.meta_gpu, d.dir_gpu, d.host_l2_gpu, self.row_slots_gpu)
         self.hier = HierarchicalKV(
-            layout, tables, self.lru, self.hbm, self.host.pool_for_kernels, max_selected
+            layout, tables, self.lru, self.hbm, self.host.pool_for_kernels, max_selected, fused
         )
 
     def admit(self, req: int, num_pages: int, width: int | None = None) -> None:
@@ -95,13 +96,16 @@ def csr(rows: list[list[int]], cap: int, device) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(indptr).to(device), torch.from_numpy(ids).to(device)
 
 
-def reference_attention(world: World, q, reqs, layer, rows, last_len) -> torch.Tensor:
-    """Attention over the host copies of the selected pages (the truth)."""
+def reference_attention(world: World, q, reqs, layer, rows, last_len, cap: int) -> torch.Tensor:
+    """Attention over the host copies of the selected pages (the truth), with the same kernel on
+    the same device and the same slot-list capacity (the split count depends on it) as the
+    hierarchical call, so the outputs must match bit for bit."""
     host_rows = [
         world.host_slots(reqs[r // world.KV], layer, r % world.KV, pages) if pages else []
         for r, pages in enumerate(rows)
     ]
-    indptr, slots = csr(host_rows, sum(map(len, rows)), "cpu")
-    return ops.paged_decode_attention(
-        q.cpu(), world.host.pool_cpu, indptr, slots, last_len.cpu(), D**-0.5
-    )
+    dev = world.device
+    indptr, slots = csr(host_rows, cap, dev)
+    pool = world.host.pool_cpu.to(dev)
+    out = ops.paged_decode_attention(q.to(dev), pool, indptr, slots, last_len.to(dev), D**-0.5)
+    return out.cpu()

@@ -14,6 +14,15 @@ from spinserve.runtime.lru import PAD
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+@pytest.fixture(params=["torch", "fused"])
+def fused(request, monkeypatch) -> bool:
+    """Both resolve paths: torch ops, and the fused resolve_pages kernel (on CPU through
+    Triton's interpreter)."""
+    if request.param == "fused":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param == "fused"
+
+
 def _resolve(w: World, layer: int, reqs: list[int], rows: list[list[int]]) -> list[int]:
     indptr, ids = csr(rows, w.K * len(rows) + 2, w.device)
     req_t = torch.tensor(reqs, device=w.device)
@@ -26,9 +35,9 @@ def _resolve(w: World, layer: int, reqs: list[int], rows: list[list[int]]) -> li
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_exact_victims_one_row(device):
+def test_exact_victims_one_row(device, fused):
     """One row (L = KV = 1) owning slots [1, 2, 3]: exact destinations step by step."""
-    w = World(num_layers=1, num_kv_heads=1, row_width=3, max_selected=3, device=device)
+    w = World(num_layers=1, num_kv_heads=1, row_width=3, max_selected=3, device=device, fused=fused)
     w.admit(0, 6)
     assert w.row_slots[0, 0].tolist() == [1, 2, 3]
     no_tail = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
@@ -58,8 +67,8 @@ def test_exact_victims_one_row(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_short_budget_counts_and_reads_dummy(device):
-    w = World(num_layers=1, num_kv_heads=1, row_width=2, max_selected=3, device=device)
+def test_short_budget_counts_and_reads_dummy(device, fused):
+    w = World(num_layers=1, num_kv_heads=1, row_width=2, max_selected=3, device=device, fused=fused)
     w.admit(0, 6, width=2)
     w.hier.begin_step(torch.zeros(1, 1, 1, dtype=torch.int32, device=device))
     assert _resolve(w, 0, [0], [[0, 2, 4]]) == [1, 2, 0]
@@ -68,10 +77,10 @@ def test_short_budget_counts_and_reads_dummy(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_padding_rows_and_requests_are_independent(device):
+def test_padding_rows_and_requests_are_independent(device, fused):
     """Two requests x 2 heads and a padding request (-1): each row takes victims only among
     its own slots; the padding row reads the dummy slot and looks nothing up."""
-    w = World(num_layers=1, num_kv_heads=2, row_width=2, max_selected=2, device=device)
+    w = World(num_layers=1, num_kv_heads=2, row_width=2, max_selected=2, device=device, fused=fused)
     w.admit(0, 4)
     w.admit(2, 4)
     w.hier.begin_step(torch.zeros(1, 3, 2, dtype=torch.int32, device=device))
@@ -92,13 +101,13 @@ def _local_selection(rng, n_pages: int, k: int, hot: np.ndarray) -> list[int]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_transparency_small_budget_equals_unlimited(device):
+def test_transparency_small_budget_equals_unlimited(device, fused):
     """Same selections, two HBM budgets: unlimited (every page fits) and mandatory-only (most
     steps miss). Attention outputs equal each other and the host-copy reference exactly."""
     n_pages, k, steps = 8, 4, 12
     worlds = {
-        "unlimited": World(row_width=n_pages, max_selected=k, device=device),
-        "small": World(row_width=k, max_selected=k, device=device),
+        "unlimited": World(row_width=n_pages, max_selected=k, device=device, fused=fused),
+        "small": World(row_width=k, max_selected=k, device=device, fused=fused),
     }
     for w in worlds.values():
         w.admit(0, n_pages)
@@ -118,7 +127,7 @@ def test_transparency_small_budget_equals_unlimited(device):
             rows = [_local_selection(rng, n_pages - 2, k, hot[layer * 4 + r]) for r in range(4)]
             q = torch.randn(2, 4, D)
             last = torch.full((4,), P, dtype=torch.int32)
-            ref = reference_attention(worlds["small"], q, [0, 1], layer, rows, last)
+            ref = reference_attention(worlds["small"], q, [0, 1], layer, rows, last, k * 4)
             for w in worlds.values():
                 indptr, ids = csr(rows, k * 4, device)
                 slots = w.hier.resolve(layer, torch.tensor([0, 1], device=device), indptr, ids)
@@ -161,11 +170,14 @@ def test_offload_completed_writes_host_copies(device):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_steps_keep_accounting(seed):
+def test_random_steps_keep_accounting(seed, fused):
     """Random admit / step / budget shrink / release: integrity after every operation, every
     HBM slot, host slot and segment free at the end."""
     rng = np.random.default_rng(seed)
-    w = World(max_requests=3, max_pages=8, row_width=5, max_selected=3, num_hbm=400, seed=seed)
+    w = World(
+        max_requests=3, max_pages=8, row_width=5, max_selected=3, num_hbm=400, seed=seed,
+        fused=fused,
+    )  # fmt: skip
     live: dict[int, int] = {}
     for _ in range(60):
         op = rng.integers(4)

@@ -33,15 +33,19 @@ def _step_fn(w: World, q, indptr, ids, last, append, req, positions):
     return step
 
 
-def _world(row_width: int) -> World:
-    w = World(num_layers=L, num_kv_heads=KV, row_width=row_width, max_selected=K, device="cuda")
+def _world(row_width: int, fused: bool) -> World:
+    w = World(
+        num_layers=L, num_kv_heads=KV, row_width=row_width, max_selected=K, device="cuda",
+        fused=fused,
+    )  # fmt: skip
     w.admit(0, N_PAGES)
     w.admit(1, N_PAGES - 2)
     return w
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 @pytest.mark.parametrize("row_width", [N_PAGES, K])
-def test_graph_replay_matches_reference_without_sync(row_width):
+def test_graph_replay_matches_reference_without_sync(row_width, fused):
     dev = "cuda"
     # static inputs: [L, R + 1] indptr, [L, R * K] page ids, [L, B, Hq, D] queries
     indptr = torch.zeros(L, B * KV + 1, dtype=torch.int32, device=dev)
@@ -67,11 +71,11 @@ def test_graph_replay_matches_reference_without_sync(row_width):
         q.copy_(torch.randn(L, B, 2 * KV, D, device=dev))
         return sel
 
-    warm = _world(row_width)  # compiles every kernel for these shapes outside the capture
+    warm = _world(row_width, fused)  # compiles every kernel for these shapes outside the capture
     fill(warm)
     _step_fn(warm, q, indptr, ids, last, append, req, positions)()
     torch.cuda.synchronize()
-    w = _world(row_width)
+    w = _world(row_width, fused)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # records only: w's state is untouched
         outs = _step_fn(w, q, indptr, ids, last, append, req, positions)()
@@ -83,7 +87,7 @@ def test_graph_replay_matches_reference_without_sync(row_width):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         for layer in range(L):
-            ref = reference_attention(w, q[layer], [0, 1], layer, sel[layer], last)
+            ref = reference_attention(w, q[layer], [0, 1], layer, sel[layer], last, B * KV * K)
             assert torch.equal(outs[layer].cpu(), ref)
         w.dir.check_integrity(on_device=True)
     s = w.hier.stats.tolist()
