@@ -222,7 +222,6 @@ def _check_prefill(q, kv_pool, qo_indptr, kv_indptr, kv_slots, kv_last_page_len)
     V.check_heads("paged_prefill_attention", q.shape[1], num_kv_heads)
     V.check_csr(
         "paged_prefill_attention",
-        "resolve_pages",
         kv_indptr,
         kv_slots,
         kv_last_page_len,
