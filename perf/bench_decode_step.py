@@ -310,7 +310,8 @@ def build_hierarchy(cfg, quest, pool) -> tuple[HierarchicalKV, torch.Tensor, Pag
 
 def run_hierarchy(cfg, model, quest, fl, hier, tail, fractions) -> dict:
     """(b): fused resolve (one kernel per layer) at every forced fraction, then the torch-op
-    path (runtime/hierarchy with fused=False, its reference) as the in-run peer."""
+    path (runtime/hierarchy with fused=False, its reference) as the in-run peer. The record of
+    e8a6a71 (decode_step_h100_e8a6a71.json) has the torch path only."""
     quest.hier = hier
     sparse = SparseDecode(
         "quest", torch.arange(B, device=DEV), torch.full((B,), CTX, device=DEV),
@@ -325,15 +326,13 @@ def run_hierarchy(cfg, model, quest, fl, hier, tail, fractions) -> dict:
     for _ in range(2):  # cold: every selected page misses once
         step()
     _sync()
-    out = {
-        "cold_fetched_pages": int(hier.stats[FETCHED]),
-        "resolve": "fused" if hier.fused else "torch",
-    }
+    out = {"cold_fetched_pages": int(hier.stats[FETCHED])}
+    hier.fused = DEV == "cuda"  # the fused resolve kernel needs Triton
+    out["resolve"] = "fused" if hier.fused else "torch"
     out["rows"] = _hierarchy_rows(cfg, quest, fl, hier, step, fractions)
-    if hier.fused:
+    if hier.fused:  # the torch-op path (its reference) as the in-run peer
         hier.fused = False
         out["torch_resolve_rows"] = _hierarchy_rows(cfg, quest, fl, hier, step, fractions[:2])
-        hier.fused = True
     out["offload_completed_ms"] = offload_ms(hier, cfg)
     return out
 

@@ -86,7 +86,7 @@ class HierarchicalKV:
         hbm_pool: torch.Tensor,
         host_pool: torch.Tensor,
         max_selected_pages: int,
-        fused: bool | None = None,
+        fused: bool = False,
     ) -> None:
         if max_selected_pages < 1:
             raise ValueError(f"max_selected_pages must be >= 1, got {max_selected_pages}")
@@ -94,8 +94,11 @@ class HierarchicalKV:
         self.hbm_pool, self.host_pool = hbm_pool, host_pool
         self.max_selected_pages = max_selected_pages
         self.device = hbm_pool.device
-        # one fused kernel per layer (plugins resolve_pages) where Triton runs; else torch ops
-        self.fused = use_triton(hbm_pool) if fused is None else fused
+        # True: one fused kernel per layer (plugins resolve_pages; needs Triton: CUDA or the
+        # interpreter). False: torch ops (the reference; the path measured on the H100 so far)
+        if fused and not use_triton(hbm_pool):
+            raise ValueError("fused resolve needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+        self.fused = fused
         # [num_segments * S * LH] int32: host_l2 flattened (index = meta index - l2_offset)
         self.host_flat = tables.host_l2.reshape(-1)
         # [5] int64 cumulative: selected pages looked up, hits, pages fetched, misses left
