@@ -72,3 +72,18 @@ def test_unknown_algorithm_and_wrong_page_size_are_refused(engines):
     assert not eng.has_unfinished()
     with pytest.raises(RequestError, match="needs page size 16"):
         LLMEngine.from_engine_dir(engines[8], device="cpu", **{"sparse.algorithm": "quest"})
+
+
+def test_index_buffers_regrown_during_decode_are_released(engines):
+    """Contexts past the index buffers' first capacity (16 pages) regrow them inside the model's
+    inference mode; finishing and re-admitting requests must still release them cleanly."""
+    eng = LLMEngine.from_engine_dir(
+        engines[16], device="cpu", **{"sparse.algorithm": "quest", "sparse.budget_tokens": 64}
+    )
+    prompts = [[(7 * i + n) % 250 for i in range(n)] for n in (200, 180, 220, 190)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    first = eng.generate(prompts, params)
+    again = eng.generate(prompts, params)
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
+    assert all(len(o.token_ids) == 40 for o in again)
+    eng.check_integrity()
