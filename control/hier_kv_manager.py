@@ -41,7 +41,7 @@ from spinserve.runtime.sparse import SparseParams
 
 from .budgets import BudgetPolicy, Observation, hit_rate, initial_buffer, resize_buffers
 from .host_pool import HostPagePool
-from .kv_manager import BatchItem
+from .kv_manager import BatchItem, build_forward_batch
 from .page_directory import NONE, DirectoryConfig, PageDirectory
 from .slot_allocator import OutOfSlotsError, SlotAllocator
 
@@ -501,42 +501,16 @@ class HierarchicalKVManager:
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
         """Tables -> ForwardBatch (pages ensured), then flush. Hierarchical requests list only
         their tail page in the dense CSR: their attention pages come from the decode step."""
-        L, KV, P = self.num_layers, self.num_kv_heads, self.page_size
-        ids, pos, append, kv_slots, pages_per_req, last_len, logit_idx = [], [], [], [], [], [], []
-        offset = 0
-        for it in items:
-            held, n = self._held[it.request_id], len(it.token_ids)
-            p = np.arange(it.start_pos, it.start_pos + n)
-            ids.extend(it.token_ids)
-            pos.append(p)
-            append.append(self._resident(held, p // P).reshape(n, L, KV).transpose(1, 0, 2))
-            total = it.start_pos + n
-            first = self.pages_for(total) - 1 if held.hierarchical else 0
-            pages = np.arange(first, self.pages_for(total))
-            kv_slots.append(self._resident(held, pages).T.reshape(L, KV * pages.size))
-            pages_per_req.append(pages.size)
-            last_len.append((total - 1) % P + 1)
-            logit_idx.extend(range(offset, offset + n) if it.all_logits else [offset + n - 1])
-            offset += n
-        qo_indptr = np.concatenate([[0], np.cumsum([len(it.token_ids) for it in items])])
-        kv_indptr = np.concatenate([[0], np.cumsum(np.repeat(pages_per_req, KV))])
-        positions = np.concatenate(pos)
         self.flush()
-
-        def t(a, dtype):
-            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
-
-        return ForwardBatch(
-            mode=mode,
-            input_ids=t(ids, torch.int64),
-            positions=t(positions, torch.int64),
-            append_slots=t(np.concatenate(append, axis=1), torch.int32),
-            append_offsets=t(positions % P, torch.int32),
-            qo_indptr=t(qo_indptr, torch.int32),
-            kv_indptr=t(kv_indptr, torch.int32),
-            kv_slots=t(np.concatenate(kv_slots, axis=1), torch.int32),
-            kv_last_page_len=t(np.repeat(last_len, KV), torch.int32),
-            logits_indices=t(logit_idx, torch.int64),
+        return build_forward_batch(
+            mode,
+            items,
+            self.num_layers,
+            self.num_kv_heads,
+            self.page_size,
+            device,
+            slots_of=lambda rid, pages: self._resident(self._held[rid], pages).T,
+            first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
         )
 
     def attach(self, sparse: SparseDecode, request_ids: list[str]) -> None:

@@ -9,6 +9,7 @@ of which the first `num_pages` columns are valid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,40 +112,65 @@ class PagedKVManager:
 
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
         """Tables -> ForwardBatch tensors (the items' pages must already be ensured)."""
-        L, KV, P = self.num_layers, self.num_kv_heads, self.page_size
-        ids, pos, append, kv_slots, pages_per_req, last_len, logit_idx = [], [], [], [], [], [], []
-        offset = 0
-        for it in items:
-            n = len(it.token_ids)
-            table = self._tables[it.request_id]
-            p = np.arange(it.start_pos, it.start_pos + n)
-            ids.extend(it.token_ids)
-            pos.append(p)
-            append.append(table[:, p // P].reshape(L, KV, n).transpose(0, 2, 1))
-            total = it.start_pos + n
-            npages = self.pages_for(total)
-            kv_slots.append(table[:, :npages].reshape(L, KV * npages))
-            pages_per_req.append(npages)
-            last_len.append((total - 1) % P + 1)
-            logit_idx.extend(range(offset, offset + n) if it.all_logits else [offset + n - 1])
-            offset += n
-        positions = np.concatenate(pos)
-        qo_indptr = np.concatenate([[0], np.cumsum([len(it.token_ids) for it in items])])
-        row_pages = np.repeat(pages_per_req, KV)
-        kv_indptr = np.concatenate([[0], np.cumsum(row_pages)])
-
-        def t(a, dtype):
-            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
-
-        return ForwardBatch(
-            mode=mode,
-            input_ids=t(ids, torch.int64),
-            positions=t(positions, torch.int64),
-            append_slots=t(np.concatenate(append, axis=1), torch.int32),
-            append_offsets=t(positions % P, torch.int32),
-            qo_indptr=t(qo_indptr, torch.int32),
-            kv_indptr=t(kv_indptr, torch.int32),
-            kv_slots=t(np.concatenate(kv_slots, axis=1), torch.int32),
-            kv_last_page_len=t(np.repeat(last_len, KV), torch.int32),
-            logits_indices=t(logit_idx, torch.int64),
+        return build_forward_batch(
+            mode,
+            items,
+            self.num_layers,
+            self.num_kv_heads,
+            self.page_size,
+            device,
+            slots_of=lambda rid, pages: self._tables[rid][:, pages],
         )
+
+
+def build_forward_batch(
+    mode: ForwardMode,
+    items: list[BatchItem],
+    num_layers: int,
+    num_kv_heads: int,
+    page_size: int,
+    device,
+    slots_of: Callable[[str, np.ndarray], np.ndarray],
+    first_page_of: Callable[[str, int], int] = lambda rid, num_pages: 0,
+) -> ForwardBatch:
+    """Assemble a ForwardBatch from a page-slot lookup shared by the KV managers.
+
+    slots_of(request_id, logical pages [n]) -> [L * KV, n] int32 pool slots;
+    first_page_of(request_id, num_pages) -> first logical page the dense CSR lists (a
+    hierarchical request lists only its tail page: the decode step resolves the rest)."""
+    L, KV, P = num_layers, num_kv_heads, page_size
+    ids, pos, append, kv_slots, pages_per_req, last_len, logit_idx = [], [], [], [], [], [], []
+    offset = 0
+    for it in items:
+        n = len(it.token_ids)
+        p = np.arange(it.start_pos, it.start_pos + n)
+        ids.extend(it.token_ids)
+        pos.append(p)
+        append.append(slots_of(it.request_id, p // P).reshape(L, KV, n).transpose(0, 2, 1))
+        total = it.start_pos + n
+        num_pages = -(-total // P)
+        pages = np.arange(first_page_of(it.request_id, num_pages), num_pages)
+        kv_slots.append(slots_of(it.request_id, pages).reshape(L, KV * pages.size))
+        pages_per_req.append(pages.size)
+        last_len.append((total - 1) % P + 1)
+        logit_idx.extend(range(offset, offset + n) if it.all_logits else [offset + n - 1])
+        offset += n
+    positions = np.concatenate(pos)
+    qo_indptr = np.concatenate([[0], np.cumsum([len(it.token_ids) for it in items])])
+    kv_indptr = np.concatenate([[0], np.cumsum(np.repeat(pages_per_req, KV))])
+
+    def t(a, dtype):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
+
+    return ForwardBatch(
+        mode=mode,
+        input_ids=t(ids, torch.int64),
+        positions=t(positions, torch.int64),
+        append_slots=t(np.concatenate(append, axis=1), torch.int32),
+        append_offsets=t(positions % P, torch.int32),
+        qo_indptr=t(qo_indptr, torch.int32),
+        kv_indptr=t(kv_indptr, torch.int32),
+        kv_slots=t(np.concatenate(kv_slots, axis=1), torch.int32),
+        kv_last_page_len=t(np.repeat(last_len, KV), torch.int32),
+        logits_indices=t(logit_idx, torch.int64),
+    )
