@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from spinserve.perf.cli_bench import bench_main, perf_main
 
         return (bench_main if argv[0] == "bench" else perf_main)(argv[1:])
+    if argv[:1] == ["eval"]:  # accuracy harness (passkey, greedy agreement, perplexity)
+        from spinserve.perf.eval_accuracy import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     from spinserve.control.engine import RequestError
 
