@@ -32,13 +32,11 @@ def _hierarchical_plan(
     the hierarchy (misses fetched from the host pool) instead of the resident page table.
     Dense layers (params.dense_layers) read every page: their pages stay HBM-resident and go
     through sp.page_table as in the resident path."""
-    if layer < planner.algo.params.dense_layers:
+    if planner.is_dense_layer(layer):
         return planner.plan_decode(
             layer, q, k, sp.req_slots, sp.seq_lens, sp.page_table[layer], sp.budget_tokens
         )
-    state = planner.states[layer]
-    planner.algo.index_decode(state, sp.req_slots, k, sp.seq_lens - 1)
-    sel = planner.algo.select(state, q, sp.req_slots, sp.seq_lens, sp.budget_tokens)
+    sel = planner.select_logical(layer, q, k, sp.req_slots, sp.seq_lens, sp.budget_tokens)
     slots = sp.hierarchy.resolve(layer, sp.req_slots, sel.kv_indptr, sel.page_ids)
     return sel.kv_indptr, slots, sel.kv_last_page_len
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SparseAlgorithm, mask_to_selection, num_pages_of, valid_page_mask
+from .base import PageSelection, SparseAlgorithm, mask_to_selection, num_pages_of, valid_page_mask
 
 
 def read_keys(kv_pool: torch.Tensor, page_slots: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -75,27 +75,42 @@ class SparsePlanner:
             if perm is not None:
                 apply_layout(kv_pool, page_table[layer], perm)
 
-    def plan_decode(
+    def is_dense_layer(self, layer: int) -> bool:
+        """Layers kept dense (params.dense_layers, as Quest): every page, always resident."""
+        return layer < self.algo.params.dense_layers
+
+    def select_logical(
         self,
         layer: int,
         query: torch.Tensor,  # [B, Hq, D] post-RoPE
         keys: torch.Tensor,  # [B, KV, D] post-RoPE keys of the new tokens (already appended)
         req_slots: torch.Tensor,  # [B] int64
         seq_lens: torch.Tensor,  # [B] int64, including the new token
-        page_table: torch.Tensor,  # [B, KV, N] pool slots of this layer's logical pages
         budget_tokens: int | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (kv_indptr [B*KV+1], kv_slots [nnz], kv_last_page_len [B*KV]) int32 for
-        plugins.ops.paged_decode_attention."""
-        if layer < self.algo.params.dense_layers:  # every page of every row
+    ) -> PageSelection:
+        """Fold the new keys into this layer's index and select logical pages per row."""
+        if self.is_dense_layer(layer):  # every page of every row
             n = int(num_pages_of(seq_lens, self.algo.page_size).max())
             valid = valid_page_mask(seq_lens, self.algo.page_size, n)
             mask = valid[:, None, :].expand(-1, self.algo.num_kv_heads, -1)
-            sel = mask_to_selection(mask, seq_lens, self.algo.page_size)
-            return sel.kv_indptr, sel.to_slots(page_table), sel.kv_last_page_len
+            return mask_to_selection(mask, seq_lens, self.algo.page_size)
         state = self.states[layer]
         self.algo.index_decode(state, req_slots, keys, seq_lens - 1)
-        sel = self.algo.select(state, query, req_slots, seq_lens, budget_tokens)
+        return self.algo.select(state, query, req_slots, seq_lens, budget_tokens)
+
+    def plan_decode(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        req_slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        page_table: torch.Tensor,  # [B, KV, N] pool slots of this layer's logical pages
+        budget_tokens: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """select_logical mapped through a resident page table -> (kv_indptr [B*KV+1],
+        kv_slots [nnz], kv_last_page_len [B*KV]) int32 for plugins.ops.paged_decode_attention."""
+        sel = self.select_logical(layer, query, keys, req_slots, seq_lens, budget_tokens)
         return sel.kv_indptr, sel.to_slots(page_table), sel.kv_last_page_len
 
     def release(self, req_slot: int) -> None:
