@@ -510,6 +510,7 @@ class HierarchicalKVManager:
             self.page_size,
             device,
             slots_of=lambda rid, pages: self._resident(self._held[rid], pages).T,
+            range_of=lambda rid, a, b: self._resident(self._held[rid], np.arange(a, b)).T,
             first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
         )
 

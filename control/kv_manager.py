@@ -120,6 +120,7 @@ class PagedKVManager:
             self.page_size,
             device,
             slots_of=lambda rid, pages: self._tables[rid][:, pages],
+            range_of=lambda rid, first, end: self._tables[rid][:, first:end],  # a view
         )
 
 
@@ -131,11 +132,14 @@ def build_forward_batch(
     page_size: int,
     device,
     slots_of: Callable[[str, np.ndarray], np.ndarray],
+    range_of: Callable[[str, int, int], np.ndarray],
     first_page_of: Callable[[str, int], int] = lambda rid, num_pages: 0,
 ) -> ForwardBatch:
-    """Assemble a ForwardBatch from a page-slot lookup shared by the KV managers.
+    """Assemble a ForwardBatch from the page-slot lookups of a KV manager.
 
-    slots_of(request_id, logical pages [n]) -> [L * KV, n] int32 pool slots;
+    slots_of(request_id, logical pages [n]) -> [L * KV, n] int32 pool slots (appended tokens);
+    range_of(request_id, first, end) -> the same for pages first..end-1 (the CSR rows; a view
+    where the manager can: this runs for every page of every request each step);
     first_page_of(request_id, num_pages) -> first logical page the dense CSR lists (a
     hierarchical request lists only its tail page: the decode step resolves the rest)."""
     L, KV, P = num_layers, num_kv_heads, page_size
@@ -149,9 +153,11 @@ def build_forward_batch(
         append.append(slots_of(it.request_id, p // P).reshape(L, KV, n).transpose(0, 2, 1))
         total = it.start_pos + n
         num_pages = -(-total // P)
-        pages = np.arange(first_page_of(it.request_id, num_pages), num_pages)
-        kv_slots.append(slots_of(it.request_id, pages).reshape(L, KV * pages.size))
-        pages_per_req.append(pages.size)
+        first = first_page_of(it.request_id, num_pages)
+        kv_slots.append(
+            range_of(it.request_id, first, num_pages).reshape(L, KV * (num_pages - first))
+        )
+        pages_per_req.append(num_pages - first)
         last_len.append((total - 1) % P + 1)
         logit_idx.extend(range(offset, offset + n) if it.all_logits else [offset + n - 1])
         offset += n
