@@ -16,10 +16,6 @@ from pydantic import ValidationError
 from spinserve.engines.errors import EngineError
 
 
-class UserError(Exception):
-    pass
-
-
 def _settings(args: argparse.Namespace, **more):
     from spinserve.configs.settings import load_settings
 
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (EngineError, RequestError, UserError, FileNotFoundError) as e:
+    except (EngineError, RequestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
     except ValidationError as e:
         lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
