@@ -126,6 +126,20 @@ def num_pages_of(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
     return (seq_lens + page_size - 1) // page_size
 
 
+def decode_page_index(
+    buffers: PageBuffers, req_slots: torch.Tensor, positions: torch.Tensor, page_size: int
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Address one new token per request in per-page buffers: (index tuple selecting
+    [B, KV, *tail] entries of its page, fresh [B, 1, 1] bool = the token opens a new page).
+    Grows the buffers to hold the page."""
+    page = positions.long() // page_size
+    buffers.ensure(int(page.max()) + 1)
+    heads = torch.arange(buffers.num_kv_heads, device=positions.device)
+    idx = (req_slots.long()[:, None], heads[None, :], page[:, None])
+    fresh = (positions.long() % page_size == 0)[:, None, None]
+    return idx, fresh
+
+
 def static_page_mask(
     seq_lens: torch.Tensor,  # [B] int64, tokens in each request (>= 1)
     page_size: int,

@@ -14,6 +14,7 @@ from .base import (
     PageBuffers,
     SparseAlgorithm,
     SparseState,
+    decode_page_index,
     group_max_scores,
     register_algorithm,
     topk_page_mask,
@@ -58,12 +59,8 @@ class QuestAlgorithm(SparseAlgorithm):
         keys: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        buf, P = state.buffers, self.page_size
-        page = positions.long() // P
-        buf.ensure(int(page.max()) + 1)
-        heads = torch.arange(self.num_kv_heads, device=keys.device)
-        idx = (req_slots.long()[:, None], heads[None, :], page[:, None])  # -> [B, KV, D]
-        fresh = (positions.long() % P == 0)[:, None, None]
+        buf = state.buffers
+        idx, fresh = decode_page_index(buf, req_slots, positions, self.page_size)  # [B, KV, D]
         k = keys.float()
         buf["kmin"][idx] = torch.where(fresh, k, torch.minimum(buf["kmin"][idx], k))
         buf["kmax"][idx] = torch.where(fresh, k, torch.maximum(buf["kmax"][idx], k))

@@ -22,6 +22,7 @@ from .base import (
     SparseAlgorithm,
     SparseParams,
     SparseState,
+    decode_page_index,
     group_max_scores,
     register_algorithm,
     topk_page_mask,
@@ -84,12 +85,8 @@ class ShadowKVAlgorithm(SparseAlgorithm):
         keys: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        buf, P = state.buffers, self.page_size
-        page = positions.long() // P
-        buf.ensure(int(page.max()) + 1)
-        heads = torch.arange(self.num_kv_heads, device=keys.device)
-        idx = (req_slots.long()[:, None], heads[None, :], page[:, None])
-        fresh = (positions.long() % P == 0)[:, None, None]
+        buf = state.buffers
+        idx, fresh = decode_page_index(buf, req_slots, positions, self.page_size)
         k = keys.float()
         buf["ksum"][idx] = torch.where(fresh, k, buf["ksum"][idx] + k)
         buf["outlier"][idx] = False
