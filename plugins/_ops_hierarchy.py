@@ -26,6 +26,14 @@ def _check(args: dict[str, torch.Tensor]) -> None:
         V._fail(op, "req_slots must be int64 and row_slots [max_requests, LH, W]")
     if args["out_slots"].numel() != args["page_ids"].numel():
         V._fail(op, "out_slots must have page_ids' capacity")
+    rs = args["row_stats"]
+    if (
+        rs.dtype != torch.int64
+        or rs.device != dev
+        or not rs.is_contiguous()
+        or tuple(rs.shape) != (args["directory"].shape[0], 2)
+    ):
+        V._fail(op, f"row_stats must be contiguous int64 [max_requests, 2] on {dev}")
 
 
 @torch.library.custom_op(
@@ -38,6 +46,7 @@ def _check(args: dict[str, torch.Tensor]) -> None:
         "gather_hbm",
         "gather_count",
         "stats",
+        "row_stats",
     ),
 )
 def _resolve_op(
@@ -55,6 +64,7 @@ def _resolve_op(
     gather_hbm: torch.Tensor,
     gather_count: torch.Tensor,
     stats: torch.Tensor,
+    row_stats: torch.Tensor,
     layer: int,
     num_kv_heads: int,
     l2_offset: int,
@@ -69,8 +79,8 @@ def _resolve_op(
 
 @_resolve_op.register_fake
 def _(kv_indptr, page_ids, req_slots, directory, meta, host_l2, row_slots, epoch, current,
-      out_slots, gather_host, gather_hbm, gather_count, stats, layer, num_kv_heads, l2_offset,
-      rev_offset, segment_pages, max_victims) -> None:  # fmt: skip
+      out_slots, gather_host, gather_hbm, gather_count, stats, row_stats, layer, num_kv_heads,
+      l2_offset, rev_offset, segment_pages, max_victims) -> None:  # fmt: skip
     _check(dict(locals()))
 
 
@@ -89,6 +99,7 @@ def resolve_pages(
     gather_hbm: torch.Tensor,  # [R * K] int32: receives their HBM (victim) slots
     gather_count: torch.Tensor,  # [1] int32, zero: receives the number of installed misses
     stats: torch.Tensor,  # [>= 4] int64: += lookups, hits, fetched, misses without a victim
+    row_stats: torch.Tensor,  # [max_requests, 2] int64: += lookups, hits per directory row
     layer: int,
     num_kv_heads: int,
     l2_offset: int,  # meta index of hbm_l2[0, 0, 0]
@@ -100,6 +111,6 @@ def resolve_pages(
     triton_hierarchy.py); then gather_pages(host, hbm, gather_host, gather_hbm, gather_count)."""
     torch.ops.spin.resolve_pages(
         kv_indptr, page_ids, req_slots, directory, meta, host_l2, row_slots, epoch, current,
-        out_slots, gather_host, gather_hbm, gather_count, stats,
+        out_slots, gather_host, gather_hbm, gather_count, stats, row_stats,
         layer, num_kv_heads, l2_offset, rev_offset, segment_pages, max_victims,
     )  # fmt: skip

@@ -7,6 +7,8 @@ one layer does what runtime/hierarchy.py's torch composition does in ~100 small 
           by bisection on the age cutoff (8 counting passes), compacted in column order
   assign  the j-th miss takes the j-th victim; install: the victim's old entry is cleared, the
           missed page's entry and the victim's reverse entry are set; the victim is touched
+  count   lookups / hits / fetched / short into `stats`, lookups / hits of the row's request
+          into `row_stats` (atomics: a request's kv heads share its row)
   output  HBM slot per selected page (dummy 0 for misses left without a victim) and one slot of
           the compact (host slot, HBM slot) gather list per installed miss (atomic offsets), read
           afterwards by copy_pages (gather_pages) with the device-side count.
@@ -46,6 +48,7 @@ def _resolve_kernel(
     gather_hbm_ptr,  # [R * K] int32 their victim slots
     count_ptr,  # [1] int32 installed misses (zero-initialised; atomic)
     stats_ptr,  # [>= 4] int64 lookups, hits, fetched, short (accumulated)
+    row_stats_ptr,  # [max_requests, 2] int64 lookups, hits per directory row (accumulated)
     layer,
     num_kv_heads,
     max_segments,
@@ -122,6 +125,10 @@ def _resolve_kernel(
     tl.atomic_add(stats_ptr + 1, tl.sum(hit.to(tl.int64), 0))
     tl.atomic_add(stats_ptr + 2, n_ok.to(tl.int64))
     tl.atomic_add(stats_ptr + 3, (n_miss - n_ok).to(tl.int64))
+    # per directory row: the heads of one request add into the same row (padding: adds nothing)
+    row = tl.maximum(req, 0) * 2
+    tl.atomic_add(row_stats_ptr + row, tl.sum(valid.to(tl.int64), 0), mask=req >= 0)
+    tl.atomic_add(row_stats_ptr + row + 1, tl.sum(hit.to(tl.int64), 0), mask=req >= 0)
 
 
 resolve_kernel = lazy_jit(_resolve_kernel)
@@ -129,7 +136,7 @@ resolve_kernel = lazy_jit(_resolve_kernel)
 
 def resolve_pages_triton(
     kv_indptr, page_ids, req_slots, directory, meta, host_l2, row_slots, epoch, current,
-    out_slots, gather_host, gather_hbm, gather_count, stats,
+    out_slots, gather_host, gather_hbm, gather_count, stats, row_stats,
     layer: int, num_kv_heads: int, l2_offset: int, rev_offset: int, segment_pages: int,
     max_victims: int,
 ) -> None:  # fmt: skip
@@ -141,7 +148,7 @@ def resolve_pages_triton(
     scratch = torch.empty(rows * k_block, dtype=torch.int32, device=meta.device)
     resolve_kernel[(rows,)](
         kv_indptr, page_ids, req_slots, directory, meta, host_l2, row_slots, epoch, current,
-        out_slots, scratch, gather_host, gather_hbm, gather_count, stats,
+        out_slots, scratch, gather_host, gather_hbm, gather_count, stats, row_stats,
         layer, num_kv_heads, directory.shape[1], l2_offset, rev_offset, row_slots.shape[1],
         row_slots.shape[2], max_victims,
         S=segment_pages, K_BLOCK=k_block, W_BLOCK=w_block, num_warps=4,

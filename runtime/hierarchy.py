@@ -13,6 +13,9 @@ them into HBM slots for plugins.ops.paged_decode_attention, fetching what is not
     -> CSR of HBM slots, same indptr as the selection.
 Offload: pages completed by this step's tokens are written to the host pool (ONE scatter_pages
 launch per step, `offload_completed`).
+Counters accumulate on the device, never read in a step: `stats` [5] (LOOKUPS, HITS, FETCHED,
+SHORT, OFFLOADED) and `row_stats` [max_requests, 2] (lookups, hits per directory row: the hit
+rates the control plane resizes buffers from, HierarchicalKVManager.rebalance).
 
 Everything is a torch op or a custom op on device tensors with static shapes (padding: -1 in
 page lists, the dummy slot 0 in slot lists): no host sync, so it captures into a CUDA graph and
@@ -104,6 +107,12 @@ class HierarchicalKV:
         # [5] int64 cumulative: selected pages looked up, hits, pages fetched, misses left
         # without a victim (read the dummy slot), pages offloaded to the host pool
         self.stats = torch.zeros(5, dtype=torch.int64, device=self.device)
+        # [max_requests, 2] int64 cumulative per directory row (request slot): selected pages
+        # looked up, hits. The control plane diffs them between rebalances (a row's counters
+        # include earlier owners of the row)
+        self.row_stats = torch.zeros(
+            tables.directory.shape[0], 2, dtype=torch.int64, device=self.device
+        )
 
     # ---- per step -------------------------------------------------------------------------------
     def begin_step(self, append_slots: torch.Tensor) -> None:
@@ -152,6 +161,9 @@ class HierarchicalKV:
         final = torch.where(hit, slots, torch.where(dest >= 0, dest, torch.zeros_like(dest)))
         counts = [valid.sum(), hit.sum(), fetched, (miss & (dest < 0)).sum()]
         self.stats[: SHORT + 1] += torch.stack(counts)
+        # padding rows have no valid page: they add zeros to row 0
+        per_row = torch.stack([valid.sum(1), hit.sum(1)], 1)  # [R, 2] int64
+        self.row_stats.index_add_(0, req.clamp_min(0), per_row)
         out = torch.zeros(page_ids.numel() + 1, dtype=torch.int32, device=self.device)
         out.scatter_(0, where_.reshape(-1), final.reshape(-1))
         return out[: page_ids.numel()]
@@ -168,7 +180,7 @@ class HierarchicalKV:
         ops.resolve_pages(
             kv_indptr, page_ids, req_slots.long(), self.tables.directory, self.tables.meta,
             self.host_flat, self.tables.row_slots, self.lru.epoch, self.lru.current, out,
-            gather_host, gather_hbm, count, self.stats,
+            gather_host, gather_hbm, count, self.stats, self.row_stats,
             layer, L.num_kv_heads, L.l2_offset, L.rev_offset, L.segment_pages, K,
         )  # fmt: skip
         ops.gather_pages(self.host_pool, self.hbm_pool, gather_host, gather_hbm, count)
@@ -220,7 +232,9 @@ class HierarchicalKV:
 
     def offload_pages(self, hbm_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
         """Eager helper for the end of a prefill: host_pool[host_slots] = hbm_pool[hbm_slots]
-        ([n] int32 each, on the device) in one launch."""
+        ([n] int32 each, on the device) in one launch; counted in stats[OFFLOADED]."""
+        if hbm_slots.numel() != host_slots.numel():
+            raise ValueError("offload_pages: hbm_slots and host_slots differ in length")
         n = torch.tensor([hbm_slots.numel()], dtype=torch.int32, device=self.device)
         ops.scatter_pages(
             self.hbm_pool,
@@ -229,6 +243,7 @@ class HierarchicalKV:
             host_slots.int().contiguous(),
             n,
         )
+        self.stats[OFFLOADED] += hbm_slots.numel()
 
 
 def _padded(

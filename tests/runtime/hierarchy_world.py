@@ -109,3 +109,24 @@ def reference_attention(world: World, q, reqs, layer, rows, last_len, cap: int) 
     pool = world.host.pool_cpu.to(dev)
     out = ops.paged_decode_attention(q.to(dev), pool, indptr, slots, last_len.to(dev), D**-0.5)
     return out.cpu()
+
+
+def random_rows(rng, num_pages: list[int], heads: int, max_selected: int) -> list[list[int]]:
+    """Rows r = b * heads + h: 0..max_selected distinct ascending pages below num_pages[b]."""
+    return [
+        sorted(rng.choice(n, size=int(rng.integers(max_selected + 1)), replace=False).tolist())
+        for n in num_pages
+        for _ in range(heads)
+    ]
+
+
+def assert_same_state(a: World, b: World) -> None:
+    """Two worlds after the same steps: same device tables, LRU epochs and counters."""
+    for x, y, what in (
+        (a.dir.meta_gpu, b.dir.meta_gpu, "page metadata"),
+        (a.lru.epoch, b.lru.epoch, "LRU epochs"),
+        (a.lru.current, b.lru.current, "LRU current epoch"),
+        (a.hier.stats, b.hier.stats, "stats"),
+        (a.hier.row_stats, b.hier.row_stats, "row_stats"),
+    ):
+        assert torch.equal(x, y), what

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hierarchy_world import D, P, World, csr, reference_attention
+from hierarchy_world import (
+    D,
+    P,
+    World,
+    assert_same_state,
+    csr,
+    random_rows,
+    reference_attention,
+)
 
 from spinserve.plugins import ops
 from spinserve.runtime.hierarchy import FETCHED, HITS, LOOKUPS, OFFLOADED, SHORT
@@ -217,3 +225,83 @@ def test_random_steps_keep_accounting(seed, fused):
     d = w.dir
     assert d.hbm_slots.num_used == d.host_slots.num_used == d.segments.num_used == 0
     assert (d.meta_gpu[d.l2_offset + d.config.segment_entries :] == PAD).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_stats_exact_per_request(device, fused):
+    """Per directory row: lookups and hits of every head and layer of the request in it; a
+    padding request adds nothing (not even to row 0); a page past the request's directory is no
+    lookup. Hand-counted over two steps, rows of width 4 >= 3 selected pages (no eviction)."""
+    w = World(num_layers=2, num_kv_heads=2, row_width=4, max_selected=3, device=device, fused=fused)
+    w.admit(0, 6)
+    w.admit(2, 4)  # one segment: page 5 lies past its directory
+    assert w.hier.row_stats.shape == (3, 2) and w.hier.row_stats.dtype == torch.int64
+    reqs = [2, -1, 0]  # rows: (req 2, h0), (req 2, h1), padding x 2, (req 0, h0), (req 0, h1)
+    pad = [[0, 1, 2], [1]]
+
+    def step(per_layer: list[list[list[int]]]) -> None:
+        w.hier.begin_step(torch.zeros(2, 3, 2, dtype=torch.int32, device=device))
+        for layer, rows in enumerate(per_layer):
+            _resolve(w, layer, reqs, rows[:2] + pad + rows[2:])
+            w.dir.check_integrity(on_device=True)
+
+    step([[[0, 1], [3], [0, 2, 5], [4, 5]], [[0, 1], [], [5], [0, 1, 2]]])  # every page misses
+    assert w.hier.row_stats.tolist() == [[5 + 4, 0], [0, 0], [3 + 2, 0]]
+    # layer 0 again: req 2 hits 0, 1 | 3 (5 is no lookup); req 0 hits 0, 2, 5 | 4
+    step([[[0, 1, 2], [3, 5], [0, 2, 5], [1, 4]], [[], [], [], []]])
+    assert w.hier.row_stats.tolist() == [[9 + 5, 0 + 4], [0, 0], [5 + 4, 0 + 3]]
+    s = w.hier.stats.tolist()
+    assert s[LOOKUPS] == 14 + 9 and s[HITS] == 4 + 3 and s[FETCHED] == s[LOOKUPS] - s[HITS]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_equals_torch_on_random_steps(device, monkeypatch):
+    """The fused kernel (interpreted on CPU) and the torch path, same random steps with a padding
+    request and tight rows: same slots out, same device tables, epochs and counters."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rng = np.random.default_rng(int(torch.randint(1 << 30, ())))
+    kw = dict(num_layers=2, num_kv_heads=2, max_requests=3, row_width=3, max_selected=3)
+    worlds = [World(**kw, device=device, fused=f) for f in (False, True)]
+    for w in worlds:
+        w.admit(0, 7)
+        w.admit(1, 5)
+    reqs = [1, -1, 0]
+    for _ in range(6):
+        for w in worlds:
+            w.hier.begin_step(torch.zeros(2, 3, 2, dtype=torch.int32, device=device))
+        for layer in range(2):
+            rows = random_rows(rng, [5, 7, 7], 2, 3)
+            outs = [_resolve(w, layer, reqs, rows) for w in worlds]
+            assert outs[0] == outs[1]
+        assert_same_state(*worlds)
+    torch_w = worlds[0]
+    assert torch_w.hier.stats[FETCHED] > 0 and torch_w.hier.stats[HITS] > 0
+    assert torch_w.hier.row_stats[2].tolist() == [0, 0]  # row 2 holds no request
+    assert torch_w.hier.row_stats[:, 0].sum() == torch_w.hier.stats[LOOKUPS]
+    assert torch_w.hier.row_stats[:, 1].sum() == torch_w.hier.stats[HITS]
+    for w in worlds:
+        w.dir.check_integrity(on_device=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offload_pages_copies_and_counts(device):
+    """End-of-prefill offload: host_pool[host] = hbm_pool[hbm] for the pairs given, nothing else
+    changes, stats[OFFLOADED] counts the pages."""
+    w = World(num_layers=1, num_kv_heads=2, device=device)
+    w.admit(0, 3)
+    hbm = w.dir.own_hbm(0, 4)
+    data = torch.randn(4, 2, P, D)
+    w.hbm[torch.from_numpy(hbm).long().to(device)] = data.to(device)
+    host = w.dir.host_entries(0, np.array([0, 2])).ravel()  # 2 pages x 2 heads
+    before = w.host.pool_cpu.clone()
+    to = torch.from_numpy
+    w.hier.offload_pages(to(hbm).to(device), to(host).to(device))
+    w.hier.offload_pages(to(hbm[:0]).to(device), to(host[:0]).to(device))  # nothing: counts 0
+    after = w.host.pool_cpu
+    assert torch.equal(after[to(host).long()], data)
+    changed = (after != before).flatten(1).any(1).nonzero().ravel()
+    assert sorted(changed.tolist()) == sorted(host.tolist())
+    assert w.hier.stats.tolist() == [0, 0, 0, 0, 4]
+    with pytest.raises(ValueError, match="differ in length"):
+        w.hier.offload_pages(to(hbm).to(device), to(host[:3]).to(device))
