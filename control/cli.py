@@ -38,6 +38,17 @@ def resolve_engine_dir(engine: Path | None, settings) -> Path:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.random is not None:
+        from spinserve.engines.random_engine import build_random_engine
+
+        if args.dtype != "auto":
+            raise ValueError("--dtype does not apply to --random (weights are made at load)")
+        seed = 0 if args.seed is None else args.seed
+        out = build_random_engine(args.random, args.output, seed=seed, page_size=args.page_size)
+        print(f"random-weight engine ({args.random}, seed {seed}) written to {out}")
+        return 0
+    if args.seed is not None:
+        raise ValueError("--seed applies to --random engines only")
     from spinserve.engines.build import build_engine
 
     out = build_engine(args.checkpoint, args.output, dtype=args.dtype, page_size=args.page_size)
@@ -102,8 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build", help="checkpoint (HF folder or .gguf) -> engine folder")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p = sub.add_parser(
+        "build", help="checkpoint (HF folder or .gguf), or --random PRESET -> engine folder"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path)
+    src.add_argument(
+        "--random",
+        metavar="PRESET",
+        help="random weights of a real model shape, made at load, for perf runs "
+        "(e.g. llama-3.1-8b; an unknown name lists the presets)",
+    )
+    p.add_argument("--seed", type=int, help="seed of the --random weights (default 0)")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--page-size", type=int, default=16, choices=[8, 16, 32])

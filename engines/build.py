@@ -3,7 +3,8 @@
 Data flow: reader -> (HF config dict, HF-named tensors) -> ModelConfig + fused tensors
 (qkv_proj = cat(q, k, v), gate_up_proj = cat(gate, up)) -> weights.safetensors, manifest.json,
 tokenizer files. The folder is written to a temporary sibling and renamed at the end, so an
-interrupted build never leaves a half-written engine.
+interrupted build never leaves a half-written engine. Random-weight engines of real shapes
+(`--random PRESET`, no checkpoint) are written by random_engine.py.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from spinserve.configs.model import ModelConfig
 from tqdm import tqdm
+
+from spinserve.configs.model import ModelConfig
 
 from . import hf
 from .errors import EngineError
@@ -147,6 +150,25 @@ def _read_checkpoint(checkpoint: Path, staging: Path):
     return hf_cfg, hf.read_generation_config(checkpoint), count, tensors
 
 
+@contextmanager
+def staged_output(output: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `output` to write the engine into; on success it is renamed
+    to `output` (which must not exist or be empty), on any error it is removed."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise EngineError(f"output {output} exists and is not empty: choose a new folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            output.rmdir()
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def build_engine(
     checkpoint: Path,
     output: Path,
@@ -157,11 +179,7 @@ def build_engine(
 ) -> Path:
     """Build an engine folder from a checkpoint; returns the output path."""
     checkpoint, output = Path(checkpoint), Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise EngineError(f"output {output} exists and is not empty: choose a new folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_output(output) as staging:
         hf_cfg, generation, count, tensors = _read_checkpoint(checkpoint, staging)
         cfg = hf.model_config_from_hf(hf_cfg, generation)
         storage = _storage_dtype(dtype, hf_cfg)
@@ -181,10 +199,4 @@ def build_engine(
         )
         save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt"})
         (staging / MANIFEST).write_text(manifest.to_json())
-        if output.exists():
-            output.rmdir()
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output

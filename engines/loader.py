@@ -1,4 +1,8 @@
-"""Open an engine folder: manifest, weights (as tensors on a device), tokenizer."""
+"""Open an engine folder: manifest, weights (as tensors on a device), tokenizer.
+
+Weights come from weights.safetensors, or, for a random-weight engine (manifest.random_weights),
+are made on the device at load (random_engine.random_weights; never written to disk).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ from .manifest import WEIGHTS, Manifest, read_manifest
 
 
 def load_weights(engine_dir: Path, manifest: Manifest, device: str, dtype: torch.dtype):
+    if manifest.random_weights is not None:
+        from .random_engine import random_weights
+
+        return random_weights(manifest.model, manifest.random_weights, device, dtype)
     path = Path(engine_dir) / WEIGHTS
     if not path.is_file():
         raise EngineError(f"{engine_dir} has no {WEIGHTS}: rebuild the engine")
