@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from spinserve.control.host_pool import MappedHostBuffer
+from spinserve.control.page_accounting import ENTRY_BYTES, check_directory, table_bytes
 from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator, duplicates
 
 NONE = -1  # "no segment" / "no slot" in every table
-_ENTRY_BYTES = 4  # int32
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +165,7 @@ class PageDirectory:
             use_cuda = self.device.type == "cuda"
         self._host_buffer: MappedHostBuffer | None = None
         if use_cuda:
-            self._host_buffer = MappedHostBuffer(c.l2_size * _ENTRY_BYTES, self.device.index)
+            self._host_buffer = MappedHostBuffer(c.l2_size * ENTRY_BYTES, self.device.index)
             self.host_l2_cpu = self._host_buffer.numpy_view(np.int32, shape)
             self.host_l2_gpu = self._host_buffer.gpu_view(torch.int32, shape)
         else:
@@ -276,6 +276,21 @@ class PageDirectory:
         self.hbm_slots.free(slots)
         self._moved.append(slots)
 
+    def hand_over(self, slots: np.ndarray) -> None:
+        """HBM slots holding pages become the decode graph's (its LRU rows): the CPU tables
+        forget which page each holds (its hbm_l2 entry and slot_entry go to -1 in meta_cpu)
+        without touching the device tables, where the graph may move them from now on.
+        Pending changes are flushed first, so the device already knows these pages; ownership
+        (hbm_owner) is unchanged. Without this, a later disown_hbm or set_hbm would write the
+        CPU's stale belief over the graph's entries."""
+        s = np.asarray(slots, dtype=np.int64).ravel()
+        if ((s < 0) | (s >= self.hbm_owner.size)).any() or (self.hbm_owner[s] == NONE).any():
+            raise ValueError("hand_over: slot out of range or owned by no request")
+        self.flush()
+        entries = self.slot_entry_cpu[s]
+        self.meta_cpu[entries[entries != NONE]] = NONE
+        self.slot_entry_cpu[s] = NONE
+
     def set_hbm(self, reqs: np.ndarray, pages: np.ndarray, slots: np.ndarray) -> None:
         """HBM entries of pages: slots [n, LH] int32, -1 = not resident. Each slot must be owned
         by its request and hold no other page. Meant for pages the decode graph has not touched
@@ -376,75 +391,10 @@ class PageDirectory:
     # ---- accounting ---------------------------------------------------------------------------
     def table_bytes(self) -> dict[str, int]:
         """Bytes of the two-level tables (HBM-entry + host-entry tables) vs a flat table."""
-        c = self.config
-        per_segment = c.segment_entries * _ENTRY_BYTES * 2
-        live = self.segments.num_used
-        flat = c.max_requests * c.max_pages_per_request * c.num_layer_heads * _ENTRY_BYTES * 2
-        return {
-            "directory": c.dir_size * _ENTRY_BYTES,
-            "segments_live": live * per_segment,
-            "segments_reserved": c.num_segments * per_segment,
-            "two_level_live": c.dir_size * _ENTRY_BYTES + live * per_segment,
-            "two_level_reserved": c.dir_size * _ENTRY_BYTES + c.num_segments * per_segment,
-            "flat": flat,
-        }
+        return table_bytes(self.config, self.segments.num_used)
 
     def check_integrity(self, on_device: bool = False) -> None:
         """Raise AssertionError unless every segment, host slot and HBM slot is free or owned
         exactly once and the reverse map matches. on_device: check the device copy of hbm_l2
-        and slot_entry (synchronizes; call while idle)."""
-        c, S = self.config, self.config.segment_pages
-        meta = self.meta_gpu.cpu().numpy() if on_device else self.meta_cpu
-        l2, rev = meta[self.l2_offset : self.rev_offset], meta[self.rev_offset : self.spare]
-        hbm_l2 = l2.reshape(self.hbm_l2_cpu.shape)
-        for allocator in (self.segments, self.host_slots, self.hbm_slots):
-            allocator.check()
-        _require(not self.num_pages[~self.active].any(), "an idle request slot has pages")
-        need = -(-self.num_pages // S)
-        in_use = np.arange(c.max_segments)[None, :] < need[:, None]
-        _require(np.array_equal(self.dir_cpu != NONE, in_use), "directory rows != request sizes")
-        req_of, col_of = np.nonzero(in_use)
-        segs = self.dir_cpu[req_of, col_of]
-        _require(_owned_once(segs, self.segments), "a segment is neither free nor owned once")
-        # [n, S] bool: page of the live segment lies inside its request's context
-        valid = (col_of[:, None] * S + np.arange(S)) < self.num_pages[req_of][:, None]
-        host = self.host_l2_cpu[segs]
-        _require((host[valid] != NONE).all() and (host[~valid] == NONE).all(), "host entries")
-        _require(_owned_once(host[valid].ravel(), self.host_slots), "a host slot is not owned once")
-        owned = self.hbm_owner != NONE
-        expect = ~self.hbm_slots.free_mask()
-        expect[DUMMY_SLOT] = False
-        _require(np.array_equal(owned, expect), "an HBM slot is neither free nor owned")
-        _require(self.active[self.hbm_owner[owned]].all(), "an HBM slot owned by an idle slot")
-        hbm = hbm_l2[segs]
-        _require((hbm[~valid] == NONE).all(), "HBM entry beyond a request's context")
-        owner_req = np.broadcast_to(req_of[:, None, None], hbm.shape)[valid]
-        live = hbm[valid]
-        _require(
-            (self.hbm_owner[live[live != NONE]] == owner_req[live != NONE]).all(),
-            "an HBM entry points at a slot its request does not own",
-        )
-        where = np.flatnonzero(l2[c.segment_entries :] != NONE) + c.segment_entries
-        _require(not duplicates(l2[where]).size, "two page entries share one HBM slot")
-        _require(
-            np.array_equal(rev[l2[where]], self.l2_offset + where)
-            and (rev != NONE).sum() == where.size,
-            "HBM reverse map (slot_entry) is stale",
-        )
-        _require(
-            (hbm_l2[0] == DUMMY_SLOT).all() and (self.host_l2_cpu[0] == DUMMY_SLOT).all(),
-            "the dummy segment was overwritten",
-        )
-
-
-def _require(ok: bool, what: str) -> None:
-    if not ok:
-        raise AssertionError(f"page directory integrity: {what}")
-
-
-def _owned_once(ids: np.ndarray, allocator: SlotAllocator) -> bool:
-    """Every used slot of `allocator` appears exactly once in `ids`, no free slot appears."""
-    counts = np.bincount(ids.astype(np.int64), minlength=allocator.num_slots)
-    used = ~allocator.free_mask()
-    used[DUMMY_SLOT] = False
-    return counts.max(initial=0) <= 1 and np.array_equal(counts > 0, used)
+        and slot_entry (synchronizes; call while idle). control/page_accounting.py."""
+        check_directory(self, on_device)

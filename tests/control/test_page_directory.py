@@ -113,6 +113,70 @@ def test_flush_uploads_deltas_only_and_keeps_device_side_changes():
     d.check_integrity(on_device=True)
 
 
+def _entry(d: PageDirectory, req: int, page: int, lh: int) -> int:
+    S, LH = d.config.segment_pages, d.config.num_layer_heads
+    return d.l2_offset + (int(d.dir_cpu[req, page // S]) * S + page % S) * LH + lh
+
+
+def _graph_install(d: PageDirectory, entry: int, victim: int) -> None:
+    """What the decode graph does on the device: the victim's page loses its entry, the missed
+    page's entry and the victim's reverse entry are set."""
+    old = int(d.slot_entry_gpu[victim])
+    if old >= 0:
+        d.meta_gpu[old] = NONE
+    d.meta_gpu[entry] = victim
+    d.slot_entry_gpu[victim] = entry
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hand_over_cpu_forgets_device_untouched(device):
+    d = _make(device=device)
+    d.admit(0)
+    d.admit(1)
+    d.grow([0, 1], [5, 2])
+    slots = d.own_hbm(0, 6).reshape(3, 2)
+    other = d.own_hbm(1, 2)
+    d.set_hbm([0, 0, 0], [0, 1, 4], slots)
+    d.set_hbm([1], [1], other[None])
+    d.flush()
+    new = d.own_hbm(0, 2)
+    d.set_hbm([0], [3], new[None])  # pending: hand_over flushes it first
+    before = d.meta_cpu.copy()
+    owner = d.hbm_owner.copy()
+    handed = np.concatenate([slots[:2].ravel(), new])  # pages 0, 1, 3 of request 0
+    d.hand_over(handed)
+    np.testing.assert_array_equal(d.meta_gpu.cpu().numpy(), before)  # flushed, then untouched
+    assert d.hbm_entries(0, [0, 1, 3]).tolist() == [[NONE, NONE]] * 3
+    assert d.hbm_entries(0, [4]).tolist() == [slots[2].tolist()]  # not handed over: known
+    assert d.hbm_entries(1, [1]).tolist() == [other.tolist()]
+    assert (d.slot_entry_cpu[handed] == NONE).all()
+    np.testing.assert_array_equal(d.slot_entry_cpu[slots[2]], before[d.rev_offset + slots[2]])
+    np.testing.assert_array_equal(d.hbm_owner, owner)  # still request 0's
+    assert d.flush() == 0  # nothing left to upload: the device keeps the graph's view
+    d.check_integrity()
+    d.check_integrity(on_device=True)
+    # the graph moves pages: page 2 (lh 0) into page 0's slot, then page 0 into page 1's slot
+    a, b = int(slots[0, 0]), int(slots[1, 0])
+    _graph_install(d, _entry(d, 0, 2, 0), a)
+    _graph_install(d, _entry(d, 0, 0, 0), b)
+    d.check_integrity(on_device=True)
+    d.disown_hbm(0, [a])  # the CPU's old belief (a holds page 0) must not reach the device
+    d.flush()
+    meta = d.meta_gpu.cpu().numpy()
+    assert meta[_entry(d, 0, 0, 0)] == b and meta[d.rev_offset + b] == _entry(d, 0, 0, 0)
+    assert meta[_entry(d, 0, 2, 0)] == NONE and meta[d.rev_offset + a] == NONE
+    d.check_integrity(on_device=True)
+    with pytest.raises(ValueError, match="owned by no request"):
+        d.hand_over(np.array([a]))  # disowned: free again
+    with pytest.raises(ValueError, match="out of range"):
+        d.hand_over(np.array([-1]))
+    d.release(0)
+    d.release(1)
+    d.flush()
+    d.check_integrity(on_device=True)
+    assert d.hbm_slots.num_used == d.segments.num_used == 0
+
+
 def test_out_of_host_pool_refused_and_nothing_changed():
     d = _make(num_host=11)  # 10 usable host slots = 5 pages x 2 heads
     d.admit(0)
