@@ -18,6 +18,7 @@ from spinserve.engines.errors import EngineError
 from spinserve.engines.loader import load_tokenizer, load_weights
 from spinserve.engines.manifest import Manifest, read_manifest
 from spinserve.runtime.batch import ForwardMode, SparseDecode
+from spinserve.runtime.cuda_graph import SparseGraphSpec
 from spinserve.runtime.model_runner import DENSE, ModelRunner, kv_bytes_per_slot
 from spinserve.runtime.sampling import SamplerState, SamplingParams, sample
 from spinserve.runtime.sparse import SparseParams
@@ -27,6 +28,8 @@ from .kv_manager import BatchItem, PagedKVManager
 from .request import FinishReason, Request, RequestStatus
 from .scheduler import Scheduler
 from .stream_detokenizer import IncrementalDetokenizer
+
+REBALANCE_STEPS = 32  # hierarchical decode steps between HBM buffer resizes
 
 _DTYPES = {
     DType.FLOAT32: torch.float32,
@@ -93,8 +96,6 @@ class LLMEngine:
         sp = settings.sparse
         sparse = SparseParams(sp.budget_tokens, sp.sink_tokens, sp.window_tokens, sp.dense_layers)
         self.runner = ModelRunner(cfg, weights, self.page_size, num_slots, max_requests, sparse)
-        if self.device == "cuda" and settings.engine.cuda_graphs:
-            self.runner.capture_decode_graphs(max_requests, self.max_context)
         self.default_algorithm = settings.sparse.algorithm
         self.algorithm_for(self.default_algorithm)  # unknown name / wrong page size: fail now
         # request rows of the sparse index states; a request holds one from the end of its
@@ -110,6 +111,12 @@ class LLMEngine:
             )
         else:
             self.kv = PagedKVManager(cfg.num_layers, cfg.num_kv_heads, self.page_size, num_slots)
+        if self.device == "cuda" and settings.engine.cuda_graphs:
+            self.runner.capture_decode_graphs(max_requests, self.max_context)
+            sparse_graphs = self.sparse_graph_spec()
+            if sparse_graphs is not None:
+                self.runner.capture_decode_graphs(max_requests, self.max_context, sparse_graphs)
+        self._decode_steps = 0
         self.scheduler = Scheduler(settings.engine, self.kv)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -117,6 +124,21 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._num_preemptions = 0
+
+    def sparse_graph_spec(self) -> SparseGraphSpec | None:
+        """What the sparse decode graphs are captured for: the default algorithm at the default
+        budget (requests with other ones decode eagerly), through the hierarchy when it is on;
+        None when the default is dense or its selection is not capturable."""
+        name = self.default_algorithm
+        if name == DENSE or not self.runner.planner(name).capturable:
+            return None
+        dense_layers = min(self.runner.sparse_params.dense_layers, self.model_config.num_layers)
+        return SparseGraphSpec(
+            name,
+            self.settings.sparse.budget_tokens,
+            dense_layers if self.hierarchy else self.model_config.num_layers,
+            self.kv.hierarchy if self.hierarchy else None,
+        )
 
     @classmethod
     def from_engine_dir(cls, path: Path, **overrides) -> LLMEngine:
@@ -266,18 +288,23 @@ class LLMEngine:
         return [self._append(self._requests[rid], tok) for rid, tok in new_tokens.items()]
 
     def _decode(self, algorithm: str, reqs: list[Request]) -> dict[str, int]:
+        if self.hierarchy and algorithm != DENSE:
+            self._maybe_rebalance()  # before build_batch: its flush carries the new rows
         items = [BatchItem(r.request_id, r.num_tokens - 1, [r.all_ids[-1]]) for r in reqs]
         batch = self.kv.build_batch(ForwardMode.DECODE, items, self.device)
         if algorithm != DENSE:
             default = self.settings.sparse.budget_tokens
             budgets = [r.params.sparse_budget_tokens or default for r in reqs]
             ids = [r.request_id for r in reqs]
+            # with the hierarchy only the dense layers' pages are resident and listed
+            layers = self.runner.sparse_params.dense_layers if self.hierarchy else None
             batch.sparse = SparseDecode(
                 algorithm=algorithm,
                 req_slots=self._tensor([self._req_slot[r.request_id] for r in reqs]),
                 seq_lens=self._tensor([r.num_tokens for r in reqs]),
-                page_table=torch.as_tensor(self.kv.batch_table(ids)).to(self.device),
+                page_table=torch.as_tensor(self.kv.batch_table(ids, layers)).to(self.device),
                 budget_tokens=self._tensor(budgets),
+                uniform_budget=budgets[0] if len(set(budgets)) == 1 else None,
             )
             if self.hierarchy:
                 self.kv.attach(batch.sparse, ids)
@@ -286,6 +313,14 @@ class LLMEngine:
             req.num_cached_tokens = req.num_tokens
         ids = sample(logits, [r.sampler for r in reqs])
         return {r.request_id: t for r, t in zip(reqs, ids)}
+
+    def _maybe_rebalance(self) -> None:
+        """Every REBALANCE_STEPS hierarchical decode steps: resize the requests' HBM buffers
+        from their hit rates (one device-to-host read of the per-request counters)."""
+        self._decode_steps += 1
+        if self._decode_steps % REBALANCE_STEPS == 0:
+            lookups, hits = self.kv.hierarchy.row_stats.cpu().numpy().T
+            self.kv.rebalance(lookups, hits)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

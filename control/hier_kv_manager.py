@@ -133,8 +133,11 @@ class HierarchicalKVManager:
         # [max_requests, LH, W] int32 CPU mirror of row_slots: HBM slots each row owns, -1 = none
         self.row_slots_cpu = np.full((c.max_requests, self.LH, 0), PAD, np.int32)
         self.hierarchy: HierarchicalKV | None = None
+        # sized for the default budget's widest rows up front: the device tables then never
+        # move, which captured decode graphs rely on (a larger per-request budget rebuilds
+        # them, and those graphs then stop matching: HierarchicalKV identity)
         m = c.mandatory_hint
-        self._grow_caps(m + initial_buffer(m, self.policy) + 1, m)
+        self._grow_caps(m + int(m * self.policy.max_buffer_ratio) + 1, m)
 
     # ---- capacity -------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:
@@ -470,10 +473,11 @@ class HierarchicalKVManager:
         }
 
     # ---- tables and batches ---------------------------------------------------------------
-    def _resident(self, held: _Held, pages: np.ndarray) -> np.ndarray:
+    def _resident(self, held: _Held, pages: np.ndarray, columns: int | None = None) -> np.ndarray:
         """[n, LH] int32 HBM slots of pages the control plane placed (resident requests, tail
-        pages, dense layers); AssertionError if one is not resident."""
-        slots = self.dir.hbm_entries(held.row, pages)
+        pages, dense layers), or their first `columns` (layer, kv_head) columns; AssertionError
+        if one is not resident."""
+        slots = self.dir.hbm_entries(held.row, pages)[:, :columns]
         if held.hierarchical:
             slots = slots.copy()
             slots[:, self.lh0 :][pages < held.num_pages - 1] = 0  # rows: the graph's business
@@ -487,15 +491,17 @@ class HierarchicalKVManager:
         n = held.num_pages
         return self._resident(held, np.arange(n)).T.reshape(self.num_layers, self.num_kv_heads, n)
 
-    def batch_table(self, request_ids: list[str]) -> np.ndarray:
-        """[L, B, KV, N] int32 HBM slots, 0 padded. For hierarchical requests only the dense
-        layers and the tail page are meaningful (sparse rows resolve in the decode step)."""
+    def batch_table(self, request_ids: list[str], layers: int | None = None) -> np.ndarray:
+        """[layers, B, KV, N] int32 HBM slots of the first `layers` layers (None: all), 0
+        padded. For hierarchical requests only the dense layers and the tail page are
+        meaningful (sparse rows resolve in the decode step): ask for the dense layers."""
         n_max = max(self._held[r].num_pages for r in request_ids)
-        L, KV = self.num_layers, self.num_kv_heads
+        L, KV = self.num_layers if layers is None else layers, self.num_kv_heads
         out = np.zeros((L, len(request_ids), KV, n_max), np.int32)
         for b, r in enumerate(request_ids):
             n = self._held[r].num_pages
-            out[:, b, :, :n] = self._resident(self._held[r], np.arange(n)).T.reshape(L, KV, n)
+            slots = self._resident(self._held[r], np.arange(n), L * KV)
+            out[:, b, :, :n] = slots.T.reshape(L, KV, n)
         return out
 
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:

@@ -102,12 +102,14 @@ class PagedKVManager:
         n = self._num_pages[request_id]
         return self._tables[request_id][:, :n].reshape(self.num_layers, self.num_kv_heads, n)
 
-    def batch_table(self, request_ids: list[str]) -> np.ndarray:
-        """[L, B, KV, N] int32 pool slots, N = most pages in the batch, 0 (dummy) padded."""
+    def batch_table(self, request_ids: list[str], layers: int | None = None) -> np.ndarray:
+        """[layers, B, KV, N] int32 pool slots of the first `layers` layers (None: all),
+        N = most pages in the batch, 0 (dummy) padded."""
         n_max = max(self._num_pages[r] for r in request_ids)
-        out = np.zeros((self.num_layers, len(request_ids), self.num_kv_heads, n_max), np.int32)
+        L = self.num_layers if layers is None else layers
+        out = np.zeros((L, len(request_ids), self.num_kv_heads, n_max), np.int32)
         for b, r in enumerate(request_ids):
-            out[:, b, :, : self._num_pages[r]] = self.request_table(r)
+            out[:, b, :, : self._num_pages[r]] = self.request_table(r)[:L]
         return out
 
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:

@@ -35,6 +35,11 @@ class SparseDecode:
     # (runtime/hierarchy.py) instead of page_table (still read for the planner's dense layers);
     # req_slots are then also the page directory's rows
     hierarchy: HierarchicalKV | None = None
+    # the budget every request of the batch has (None: they differ); graphs need one
+    uniform_budget: int | None = None
+    # set: the capturable path (runtime/sparse/static_select.py, CUDA graphs): every row has at
+    # most max_pages pages, budget = uniform_budget; padding rows have req_slots -1, seq_lens 1
+    max_pages: int | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from spinserve.plugins import ops
 from .batch import ForwardBatch, ForwardMode, SparseDecode
 from .rope import apply_rope, cos_sin, inv_frequencies
 from .sparse.planner import SparsePlanner
+from .sparse.static_select import Candidates
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,6 +42,25 @@ def _hierarchical_plan(
     return sel.kv_indptr, slots, sel.kv_last_page_len
 
 
+def _static_plan(
+    planner: SparsePlanner,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sp: SparseDecode,
+    cand: Candidates,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The capturable plan (static shapes): sparse layers resolve through the hierarchy when
+    there is one, everything else maps through sp.page_table [L', B, KV, max_pages]."""
+    sel, rows = planner.select_static(layer, q, k, sp.seq_lens, cand, sp.uniform_budget)
+    if sp.hierarchy is not None and not planner.is_dense_layer(layer):
+        slots = sp.hierarchy.resolve(layer, sp.req_slots, sel.kv_indptr, sel.page_ids)
+    else:
+        table = sp.page_table[layer].reshape(-1, sp.max_pages)
+        slots = table[rows, sel.page_ids.long()]
+    return sel.kv_indptr, slots, sel.kv_last_page_len
+
+
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
         self.cfg = cfg
@@ -60,6 +80,7 @@ class LlamaModel:
         cos: torch.Tensor,
         sin: torch.Tensor,
         planner: SparsePlanner | None,
+        cand: Candidates | None,
     ) -> torch.Tensor:
         cfg, w, p = self.cfg, self.w, f"layers.{layer}."
         T = x.shape[0]
@@ -76,7 +97,9 @@ class LlamaModel:
         kv_slots = batch.kv_slots[layer]
         if batch.mode is ForwardMode.DECODE:
             indptr, last_len = batch.kv_indptr, batch.kv_last_page_len
-            if batch.sparse is not None and batch.sparse.hierarchy is not None:
+            if cand is not None:
+                indptr, kv_slots, last_len = _static_plan(planner, layer, q, k, batch.sparse, cand)
+            elif batch.sparse is not None and batch.sparse.hierarchy is not None:
                 indptr, kv_slots, last_len = _hierarchical_plan(planner, layer, q, k, batch.sparse)
             elif batch.sparse is not None:
                 sp = batch.sparse
@@ -116,13 +139,17 @@ class LlamaModel:
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.w["embed_tokens.weight"])
         cos, sin = cos_sin(self.inv_freq, batch.positions, self.dtype)
-        hier = batch.sparse.hierarchy if batch.sparse is not None else None
+        sp = batch.sparse
+        hier = sp.hierarchy if sp is not None else None
         if hier is not None:
             hier.begin_step(batch.append_slots)
+        cand = None  # the capturable path's candidate pages, shared by every layer
+        if sp is not None and sp.max_pages is not None:
+            cand = planner.candidates(sp.req_slots, sp.seq_lens, sp.max_pages)
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             h = rms_norm(x, self.w[p + "input_norm.weight"], eps)
-            x = x + self._attention(i, h, batch, kv_pool, cos, sin, planner)
+            x = x + self._attention(i, h, batch, kv_pool, cos, sin, planner, cand)
             h = rms_norm(x, self.w[p + "post_attention_norm.weight"], eps)
             x = x + self._mlp(i, h)
         if hier is not None:

@@ -8,7 +8,7 @@ import torch
 from spinserve.configs.model import ModelConfig
 
 from .batch import ForwardBatch
-from .cuda_graph import DecodeGraphRunner
+from .cuda_graph import DecodeGraphRunner, SparseGraphSpec
 from .model import LlamaModel
 from .sparse import SparseParams, create_algorithm
 from .sparse.planner import SparsePlanner
@@ -42,7 +42,7 @@ class ModelRunner:
             num_slots, 2, page_size, cfg.head_dim, dtype=self.dtype, device=self.device
         )
         self._planners: dict[str, SparsePlanner] = {}
-        self.graphs: DecodeGraphRunner | None = None
+        self.graph_runners: list[DecodeGraphRunner] = []  # dense and/or sparse decode graphs
 
     def planner(self, algorithm: str) -> SparsePlanner:
         """The planner of a sparse algorithm, created on first use (ValueError: unknown name or
@@ -54,6 +54,7 @@ class ModelRunner:
                 self.cfg.num_kv_heads,
                 self.cfg.head_dim,
                 self.sparse_params,
+                index_dtype=self.dtype,
             )
             self._planners[algorithm] = SparsePlanner(
                 algo, self.cfg.num_layers, self.max_requests, self.device
@@ -75,19 +76,40 @@ class ModelRunner:
         if algorithm in self._planners:
             self._planners[algorithm].release(req_slot)
 
-    def capture_decode_graphs(self, max_batch: int, max_context: int) -> None:
-        """Capture dense decode graphs for batches up to max_batch and contexts up to
-        max_context tokens (CUDA only)."""
+    def capture_decode_graphs(
+        self, max_batch: int, max_context: int, sparse: SparseGraphSpec | None = None
+    ) -> None:
+        """Capture decode graphs for batches up to max_batch and contexts up to max_context
+        tokens (CUDA only): dense ones, or with `sparse` those of one capturable algorithm
+        (its index is reserved for max_context first; it never reallocates afterwards)."""
+        runner = self._graph_runner(max_batch, max_context, sparse, replay=True)
+        runner.capture()
+
+    def _graph_runner(self, max_batch, max_context, sparse, replay: bool) -> DecodeGraphRunner:
         max_pages = -(-max_context // self.page_size)
-        self.graphs = DecodeGraphRunner(
+        if sparse is not None:
+            planner = self.planner(sparse.algorithm)
+            if not planner.capturable:
+                raise ValueError(f"sparse algorithm {sparse.algorithm!r} is not capturable")
+            with torch.inference_mode():
+                planner.reserve(max_pages)
+        runner = DecodeGraphRunner(
             self._eager_forward,
             self.cfg.num_layers,
             self.cfg.num_kv_heads,
             max_batch,
             max_pages,
             self.device,
+            sparse,
+            replay,
         )
-        self.graphs.capture()
+        self.graph_runners.append(runner)
+        return runner
+
+    def static_decode(self, max_batch: int, max_context: int, sparse: SparseGraphSpec) -> None:
+        """Run sparse decode batches through the padded static path WITHOUT graphs (the
+        graphs' exact inputs and selection, eagerly): CPU tests and debugging."""
+        self._graph_runner(max_batch, max_context, sparse, replay=False)
 
     def _eager_forward(self, batch: ForwardBatch) -> torch.Tensor:
         planner = self.planner(batch.sparse.algorithm) if batch.sparse is not None else None
@@ -95,6 +117,7 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab]."""
-        if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
+        for graphs in self.graph_runners:
+            if graphs.can_run(batch):
+                return graphs.run(batch)
         return self._eager_forward(batch)

@@ -16,10 +16,12 @@ applies once to the request's prefill K/V of that layer. Select returns, per (re
 row, the selected logical pages in ascending order: the partial tail page is the highest id, so
 it comes last and `kv_last_page_len` is the tail's fill, as plugins/reference.py requires.
 
-Budget: every row keeps its static pages (sinks: the first `sink_tokens`, local window: pages
-holding the last `window_tokens` tokens, the tail page always) plus dynamic pages worth at most
-`budget_tokens` (floor(budget_tokens / P) pages). A row whose whole context fits in
-sinks + window + budget selects every page, so it reproduces dense attention exactly.
+Budget (`page_quota`): every row keeps its static pages, the ceil(sink_tokens / P) first (sinks)
+and the window_tokens // P + 1 last (local window: the tail page and the full pages before it,
+so at least window_tokens + 1 tokens), plus floor(budget_tokens / P) dynamic pages. A row with
+no more pages than that quota selects every page, so it reproduces dense attention exactly.
+Counting the window in pages (not tokens) gives every row the same static shape, which is what
+the capturable path (static_select.py, CUDA graphs) and plugins select_pages need.
 
 GQA: a kv_head's partitions are scored with every query head of its group and the group takes
 the MAX of the per-head scores: a partition is kept if any head of the group rates it highly
@@ -32,9 +34,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from .static_select import Candidates
 
 NEG_INF = float("-inf")
 
@@ -122,6 +127,11 @@ class PageBuffers:
         return self.tensors[name]
 
 
+def capturing() -> bool:
+    """A CUDA graph capture is under way on the current stream (no host syncs allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def num_pages_of(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
     return (seq_lens + page_size - 1) // page_size
 
@@ -133,7 +143,8 @@ def decode_page_index(
     [B, KV, *tail] entries of its page, fresh [B, 1, 1] bool = the token opens a new page).
     Grows the buffers to hold the page."""
     page = positions.long() // page_size
-    buffers.ensure(int(page.max()) + 1)
+    if not capturing():  # a graph's buffers were reserved before capture (reads no max)
+        buffers.ensure(int(page.max()) + 1)
     heads = torch.arange(buffers.num_kv_heads, device=positions.device)
     idx = (req_slots.long()[:, None], heads[None, :], page[:, None])
     fresh = (positions.long() % page_size == 0)[:, None, None]
@@ -144,17 +155,14 @@ def static_page_mask(
     seq_lens: torch.Tensor,  # [B] int64, tokens in each request (>= 1)
     page_size: int,
     num_pages: int,  # N, mask width
-    sink_tokens: int,
-    window_tokens: int,
+    sink_pages: int,
+    window_pages: int | torch.Tensor,  # int or [B]: last pages kept, the tail included (>= 1)
 ) -> torch.Tensor:  # [B, N] bool
-    """Sinks (pages holding tokens < sink_tokens), local window (pages holding any of the last
-    window_tokens tokens) and the tail page."""
+    """The first sink_pages and the last window_pages pages of each row (the tail always)."""
     page = torch.arange(num_pages, device=seq_lens.device)[None, :]
     n = num_pages_of(seq_lens, page_size)[:, None]
-    sink_pages = (sink_tokens + page_size - 1) // page_size
-    first_window = ((seq_lens - window_tokens).clamp(min=0) // page_size)[:, None]
-    first_window = torch.minimum(first_window, n - 1)  # the tail page is always kept
-    return (page < n) & ((page < sink_pages) | (page >= first_window))
+    window = torch.as_tensor(window_pages, device=seq_lens.device).clamp(min=1).reshape(-1, 1)
+    return (page < n) & ((page < sink_pages) | (page >= n - window))
 
 
 def valid_page_mask(seq_lens: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
@@ -216,8 +224,14 @@ class SparseAlgorithm(ABC):
     name: ClassVar[str] = "?"
     required_page_size: ClassVar[int | None] = None  # e.g. quest 16, shadowkv 8; None = any
 
+    capturable: ClassVar[bool] = False  # candidate_scores exists: CUDA-graph selection
+
     def __init__(
-        self, page_size: int, num_kv_heads: int, head_dim: int, params: SparseParams | None = None
+        self,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        params: SparseParams | None = None,
     ) -> None:
         need = self.required_page_size
         if need is not None and page_size != need:
@@ -229,6 +243,7 @@ class SparseAlgorithm(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.params = params or SparseParams()
+        self.index_dtype = torch.float32  # per-page summaries (create_algorithm: bf16 halves them)
         self.sm_scale = head_dim**-0.5
 
     # ---- Index -------------------------------------------------------------------------------
@@ -282,9 +297,25 @@ class SparseAlgorithm(ABC):
     ) -> torch.Tensor:  # [B, KV, N] bool, pages chosen on top of the static ones
         ...
 
+    def page_quota(self, budget_tokens: int | torch.Tensor) -> tuple[int, object, object]:
+        """(sink pages, window pages with the tail, dynamic pages) a row keeps at this budget
+        (ints, or [B] tensors for a tensor budget); see the module docstring."""
+        P, p = self.page_size, self.params
+        return -(-p.sink_tokens // P), p.window_tokens // P + 1, budget_tokens // P
+
     def static_mask(self, seq_lens: torch.Tensor, budget_tokens: torch.Tensor, n: int):
-        p = self.params
-        return static_page_mask(seq_lens, self.page_size, n, p.sink_tokens, p.window_tokens)
+        sinks, window, _ = self.page_quota(budget_tokens)
+        return static_page_mask(seq_lens, self.page_size, n, sinks, window)
+
+    def candidate_scores(
+        self,
+        state: SparseState,
+        query: torch.Tensor,  # [B, Hq, D]
+        cand: Candidates,  # every page of every row, static capacity (static_select.py)
+    ) -> torch.Tensor:  # [R * M] float32 score per candidate (-inf: never dynamic)
+        """Capturable scoring for select_static: static shapes, no host sync (capturable
+        algorithms only)."""
+        raise NotImplementedError(f"sparse algorithm {self.name!r} has no capturable selection")
 
     def select(
         self,
@@ -304,9 +335,9 @@ class SparseAlgorithm(ABC):
         static = self.static_mask(seq_lens, budget, n)
         dyn = self._dynamic_mask(state, query, req_slots.long(), seq_lens, budget // P, static)
         mask = (dyn & valid[:, None, :]) | static[:, None, :]
-        reach = budget + self.params.sink_tokens + self.params.window_tokens
-        full = (reach >= seq_lens)[:, None, None]  # budget covers the context: dense
-        mask = torch.where(full, valid[:, None, :], mask)
+        sinks, window, dynamic = self.page_quota(budget)
+        full = (num_pages_of(seq_lens, P) <= sinks + window + dynamic)[:, None, None]
+        mask = torch.where(full, valid[:, None, :], mask)  # the quota covers the context: dense
         return mask_to_selection(mask, seq_lens, P)
 
 
@@ -335,6 +366,13 @@ def available_algorithms() -> list[str]:
 
 
 def create_algorithm(
-    name: str, page_size: int, num_kv_heads: int, head_dim: int, params: SparseParams | None = None
+    name: str,
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    params: SparseParams | None = None,
+    index_dtype: torch.dtype = torch.float32,
 ) -> SparseAlgorithm:
-    return get_algorithm(name)(page_size, num_kv_heads, head_dim, params)
+    algo = get_algorithm(name)(page_size, num_kv_heads, head_dim, params)
+    algo.index_dtype = index_dtype
+    return algo

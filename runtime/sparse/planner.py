@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import PageSelection, SparseAlgorithm, mask_to_selection, num_pages_of, valid_page_mask
+from .static_select import Candidates, candidates, every_page, select_static
 
 
 def read_keys(kv_pool: torch.Tensor, page_slots: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -57,7 +58,42 @@ class SparsePlanner:
         device: torch.device | str,
     ) -> None:
         self.algo = algo
-        self.states = [algo.new_state(max_requests, device) for _ in range(num_layers)]
+        # one spare row past the requests' slots: padding rows of a captured batch index there
+        self.spare_row = max_requests
+        self.states = [algo.new_state(max_requests + 1, device) for _ in range(num_layers)]
+
+    @property
+    def capturable(self) -> bool:
+        return self.algo.capturable
+
+    def reserve(self, max_pages: int) -> None:
+        """Size every layer's index for max_pages pages per row now (before a graph capture:
+        buffers never move afterwards)."""
+        for state in self.states:
+            self.algo.reserve(state, max_pages)
+
+    def candidates(
+        self, req_slots: torch.Tensor, seq_lens: torch.Tensor, max_pages: int
+    ) -> Candidates:
+        """The step's candidate pages for select_static (req_slots < 0: padding rows)."""
+        rows = torch.where(req_slots >= 0, req_slots, self.spare_row)
+        return candidates(seq_lens, rows, self.algo.num_kv_heads, self.algo.page_size, max_pages)
+
+    def select_static(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [B, Hq, D] post-RoPE
+        keys: torch.Tensor,  # [B, KV, D] the new tokens' keys (already appended)
+        seq_lens: torch.Tensor,  # [B] int64
+        cand: Candidates,
+        budget_tokens: int,
+    ) -> tuple[PageSelection, torch.Tensor]:
+        """select_logical with static shapes (capturable): (selection, [cap] row of each entry)."""
+        if self.is_dense_layer(layer):
+            return every_page(cand)
+        state = self.states[layer]
+        self.algo.index_decode(state, cand.index_rows, keys, seq_lens - 1)
+        return select_static(self.algo, state, query, cand, budget_tokens)
 
     def index_prefill(
         self,

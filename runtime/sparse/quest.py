@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from spinserve.plugins import ops
+
 from .base import (
     PageBuffers,
     SparseAlgorithm,
@@ -36,11 +38,13 @@ def page_reduce(keys: torch.Tensor, page_size: int, how: str) -> torch.Tensor:
 class QuestAlgorithm(SparseAlgorithm):
     name = "quest"
     required_page_size = 16
+    capturable = True
 
     def new_state(self, max_requests: int, device: torch.device | str) -> SparseState:
         buf = PageBuffers(max_requests, self.num_kv_heads, device)
-        buf.add("kmin", (self.head_dim,), torch.float32, float("inf"))  # [R, KV, cap, D]
-        buf.add("kmax", (self.head_dim,), torch.float32, float("-inf"))  # [R, KV, cap, D]
+        dt = self.index_dtype
+        buf.add("kmin", (self.head_dim,), dt, float("inf"))  # [R, KV, cap, D] key min per page
+        buf.add("kmax", (self.head_dim,), dt, float("-inf"))  # [R, KV, cap, D] key max per page
         return SparseState(buf)
 
     def index_prefill(self, state: SparseState, req_slot: int, keys: torch.Tensor) -> None:
@@ -61,7 +65,7 @@ class QuestAlgorithm(SparseAlgorithm):
     ) -> None:
         buf = state.buffers
         idx, fresh = decode_page_index(buf, req_slots, positions, self.page_size)  # [B, KV, D]
-        k = keys.float()
+        k = keys.to(self.index_dtype)
         buf["kmin"][idx] = torch.where(fresh, k, torch.minimum(buf["kmin"][idx], k))
         buf["kmax"][idx] = torch.where(fresh, k, torch.maximum(buf["kmax"][idx], k))
 
@@ -71,12 +75,21 @@ class QuestAlgorithm(SparseAlgorithm):
         """[B, Hq, N] float32: sm_scale * upper bound of q.k over each page, per query head."""
         B, Hq, D = query.shape
         KV = self.num_kv_heads
-        kmin = state.buffers["kmin"][req_slots, :, :n]  # [B, KV, N, D]
-        kmax = state.buffers["kmax"][req_slots, :, :n]
+        kmin = state.buffers["kmin"][req_slots, :, :n].float()  # [B, KV, N, D]
+        kmax = state.buffers["kmax"][req_slots, :, :n].float()
         q = query.float().view(B, KV, Hq // KV, D)
         ub = torch.einsum("bkgd,bknd->bkgn", q.clamp(min=0), kmax)
         ub = ub + torch.einsum("bkgd,bknd->bkgn", q.clamp(max=0), kmin)
         return ub.reshape(B, Hq, n) * self.sm_scale
+
+    def candidate_scores(self, state: SparseState, query: torch.Tensor, cand) -> torch.Tensor:
+        """The same upper bound (group max, unscaled) from plugins score_pages: capturable."""
+        buf, D = state.buffers, self.head_dim
+        kmin, kmax = buf["kmin"].view(-1, D), buf["kmax"].view(-1, D)
+        rows = cand.table_rows(buf.capacity)
+        return ops.score_pages(
+            query.contiguous(), cand.indptr, rows, cand.last_len, kmin, kmax, kmin, self.page_size
+        )
 
     def _dynamic_mask(
         self,

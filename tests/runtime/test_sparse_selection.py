@@ -34,8 +34,8 @@ def check_csr(sel, algo, seq_lens, budget_tokens):
         ids = sel.page_ids[indptr[r] : indptr[r + 1]].tolist()
         assert ids == sorted(set(ids)) and ids[-1] == n - 1 and ids[0] >= 0
         assert int(sel.kv_last_page_len[r]) == L - (n - 1) * P
-        static = set(range(min(n, -(-p.sink_tokens // P))))
-        static |= set(range(max(L - p.window_tokens, 0) // P, n))
+        static = set(range(min(n, -(-p.sink_tokens // P))))  # sinks, then the window's pages:
+        static |= set(range(max(n - (p.window_tokens // P + 1), 0), n))  # the tail + full ones
         assert static <= set(ids)
         if algo.name not in ("dense", "streaming"):
             assert len(set(ids) - static) <= budget_tokens // P
