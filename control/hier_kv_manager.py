@@ -477,7 +477,7 @@ class HierarchicalKVManager:
         """[n, LH] int32 HBM slots of pages the control plane placed (resident requests, tail
         pages, dense layers), or their first `columns` (layer, kv_head) columns; AssertionError
         if one is not resident."""
-        slots = self.dir.hbm_entries(held.row, pages)[:, :columns]
+        slots = self.dir.hbm_entries(held.row, pages, columns)
         if held.hierarchical:
             slots = slots.copy()
             slots[:, self.lh0 :][pages < held.num_pages - 1] = 0  # rows: the graph's business

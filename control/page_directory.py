@@ -327,9 +327,12 @@ class PageDirectory:
         self._dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
         self._moved += [old, new]
 
-    def hbm_entries(self, req: int | np.ndarray, pages: np.ndarray) -> np.ndarray:
-        """[n, LH] int32 CPU-side HBM entries of pages (`req`: one, or one per page)."""
-        return self.hbm_l2_cpu[self._locate(req, pages)]
+    def hbm_entries(
+        self, req: int | np.ndarray, pages: np.ndarray, columns: int | None = None
+    ) -> np.ndarray:
+        """[n, LH] int32 CPU-side HBM entries of pages (`req`: one, or one per page), or only
+        their first `columns` (layer, kv_head) columns (gathers just those)."""
+        return self.hbm_l2_cpu[:, :, :columns][self._locate(req, pages)]
 
     def host_entries(self, req: int | np.ndarray, pages: np.ndarray) -> np.ndarray:
         """[n, LH] int32 host slots of pages (`req`: one, or one per page)."""
