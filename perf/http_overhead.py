@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from .serve_harness import ServerProcess
 
 SERVER_SCRIPT = """
 import sys
@@ -31,7 +29,7 @@ import torch
 torch.set_num_threads(1)
 from spinserve.configs.settings import load_settings
 from spinserve.control.server import run_server
-engine, port, kv = sys.argv[1:4]
+port, engine, kv = sys.argv[1:4]
 settings = load_settings(**{"engine.device": "cpu", "cache.kv_cache_tokens": int(kv),
                             "server.model_name": "overhead"})
 run_server(Path(engine), settings, host="127.0.0.1", port=int(port), log_level="warning")
@@ -82,57 +80,6 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, engine_dir: Path, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                SERVER_SCRIPT,
-                str(engine_dir),
-                str(self.port),
-                str(KV_CACHE_TOKENS),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.log_path = log
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout_s}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
 async def _http_wall(url: str, prompts: list[list[int]], new_tokens: int) -> float:
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
         body = {
@@ -176,7 +123,7 @@ def run_http_overhead(
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="spin-http-overhead-"))
     engine_dir = engine_dir or make_tiny_engine(tmp)
-    server = _Server(engine_dir, tmp / "server.log")
+    server = ServerProcess(SERVER_SCRIPT, [str(engine_dir), str(KV_CACHE_TOKENS)], log_dir=tmp)
     try:
         engine = LLMEngine.from_engine_dir(
             engine_dir, device="cpu", **{"cache.kv_cache_tokens": KV_CACHE_TOKENS}
@@ -194,7 +141,7 @@ def run_http_overhead(
             engine.generate(prompts, params)
             off, off_cpu = time.perf_counter() - t0, time.process_time() - c0
             s0 = _proc_cpu_s(server.proc.pid)
-            http = asyncio.run(_http_wall(server.url, prompts, new_tokens))
+            http = asyncio.run(_http_wall(server.base_url, prompts, new_tokens))
             http_cpu = _proc_cpu_s(server.proc.pid) - s0
             if rnd:
                 walls["offline"].append(off)

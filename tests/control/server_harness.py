@@ -1,24 +1,20 @@
 """Test harness for the HTTP server: a tiny engine folder and `spinserve` served by uvicorn in a
-subprocess on a free loopback port (stopped with SIGTERM at the end)."""
+subprocess on a free loopback port (perf/serve_harness.py; stopped with SIGTERM at the end)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 from tiny_models import VOCAB, make_tokenizer
 
+from spinserve.perf import serve_harness
+from spinserve.perf.serve_harness import free_port  # noqa: F401 - the tests import it from here
+
 API_KEY = "test-key-1234"
 MODEL = "tiny-llama"
 MAX_BODY_BYTES = 64 * 1024
 KV_CACHE_TOKENS = 16384
-START_TIMEOUT_S = 90.0
 
 
 MAX_CONTEXT = 512
@@ -64,18 +60,12 @@ def engine_overrides() -> dict:
     return {"engine.device": "cpu", "cache.kv_cache_tokens": KV_CACHE_TOKENS}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SERVER_SCRIPT = """
 import sys
 from pathlib import Path
 from spinserve.configs.settings import load_settings
 from spinserve.control.server import run_server
-engine, port, key, model, body, kv = sys.argv[1:7]
+port, engine, key, model, body, kv = sys.argv[1:7]
 settings = load_settings(**{"engine.device": "cpu", "cache.kv_cache_tokens": int(kv),
                             "server.api_key": key or None, "server.model_name": model,
                             "server.max_body_bytes": int(body)})
@@ -84,62 +74,17 @@ run_server(Path(engine), settings, host="127.0.0.1", port=int(port), shutdown_gr
 """
 
 
-class ServerProcess:
+class ServerProcess(serve_harness.ServerProcess):
+    """The tiny engine served with the test settings (API key, model name, body limit)."""
+
     def __init__(self, engine_dir: Path, api_key: str | None = API_KEY) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        self.log_path = engine_dir.parent / f"server-{self.port}.log"
-        args = [
-            str(engine_dir),
-            str(self.port),
-            api_key or "",
-            MODEL,
-            str(MAX_BODY_BYTES),
-            str(KV_CACHE_TOKENS),
-        ]
-        # one intra-op thread: on a few shared cores OpenMP teams spin against each other
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_SCRIPT, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        args = [str(engine_dir), api_key or "", MODEL, str(MAX_BODY_BYTES), str(KV_CACHE_TOKENS)]
+        super().__init__(SERVER_SCRIPT, args, log_dir=engine_dir.parent)
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/v2/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
 
 
 def scrape(server: ServerProcess) -> dict[str, float]:
