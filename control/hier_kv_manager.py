@@ -259,15 +259,8 @@ class HierarchicalKVManager:
 
     def _hand_over(self, slots: np.ndarray) -> None:
         """Slots holding pages become the decode graph's (rows): the CPU forgets which page
-        each holds, without touching the device tables (the graph may move them from now on).
-        Pending changes are flushed first, so the device already knows these pages. Without
-        this, a later disown would write the CPU's stale belief over the graph's entries.
-        (Reaches into PageDirectory: it has no hand-over call yet.)"""
-        self.dir.flush()
-        s = np.asarray(slots, np.int64).ravel()
-        entries = self.dir.slot_entry_cpu[s]
-        self.dir.meta_cpu[entries[entries != NONE]] = NONE
-        self.dir.slot_entry_cpu[s] = NONE
+        each holds, device tables untouched (the graph may move them from now on)."""
+        self.dir.hand_over(slots)
 
     # ---- HBM budget -------------------------------------------------------------------------
     def _hbm_need(self, held: _Held, extra: int) -> int:
@@ -402,6 +395,7 @@ class HierarchicalKVManager:
         )
         if old is not None:
             self.hierarchy.stats.copy_(old.stats)
+            self.hierarchy.row_stats.copy_(old.row_stats)
         self._dirty_rows.clear()
         self._age_event: torch.cuda.Event | None = None
         # [num_hbm_slots] uint8 pinned: LRU ages copied before each launch (CUDA only)

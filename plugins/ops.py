@@ -17,6 +17,7 @@ import torch
 
 from . import _validate as V
 from . import reference as ref
+from ._ops_glue import add_rms_norm, rms_norm, rope_qkv
 from ._ops_hierarchy import resolve_pages
 from ._ops_sparse import gather_pages, scatter_pages, score_pages, select_pages
 from ._triton_util import use_triton
@@ -27,11 +28,14 @@ from .triton_select import ScoreMode
 
 __all__ = [
     "ScoreMode",
+    "add_rms_norm",
     "append_kv",
     "gather_pages",
     "paged_decode_attention",
     "paged_prefill_attention",
     "resolve_pages",
+    "rms_norm",
+    "rope_qkv",
     "scatter_pages",
     "score_pages",
     "select_pages",

@@ -14,16 +14,9 @@ from spinserve.configs.model import ModelConfig
 from spinserve.plugins import ops
 
 from .batch import ForwardBatch, ForwardMode, SparseDecode
-from .rope import apply_rope, cos_sin, inv_frequencies
+from .rope import cos_sin, inv_frequencies
 from .sparse.planner import SparsePlanner
 from .sparse.static_select import Candidates
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
 
 
 def _hierarchical_plan(
@@ -85,14 +78,13 @@ class LlamaModel:
         cfg, w, p = self.cfg, self.w, f"layers.{layer}."
         T = x.shape[0]
         qkv = F.linear(x, w[p + "qkv_proj.weight"], w.get(p + "qkv_proj.bias"))
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(T, cfg.num_heads, cfg.head_dim)
-        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim).contiguous()
-        if cfg.qk_norm:
-            q = rms_norm(q, w[p + "q_norm.weight"], cfg.rms_norm_eps)
-            k = rms_norm(k, w[p + "k_norm.weight"], cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.qk_norm:  # Qwen3: per-head norms of q and k before the rotation
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            D, eps = cfg.head_dim, cfg.rms_norm_eps
+            q = ops.rms_norm(q.reshape(-1, D), w[p + "q_norm.weight"], eps).view(T, -1)
+            k = ops.rms_norm(k.reshape(-1, D), w[p + "k_norm.weight"], eps).view(T, -1)
+            qkv = torch.cat([q, k, v], dim=-1)
+        q, k, v = ops.rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads)
         ops.append_kv(kv_pool, k, v, batch.append_slots[layer], batch.append_offsets)
         kv_slots = batch.kv_slots[layer]
         if batch.mode is ForwardMode.DECODE:
@@ -146,13 +138,19 @@ class LlamaModel:
         cand = None  # the capturable path's candidate pages, shared by every layer
         if sp is not None and sp.max_pages is not None:
             cand = planner.candidates(sp.req_slots, sp.seq_lens, sp.max_pages)
+        residual = x  # the stream; x is each block's output until added in (fused in norms)
+        h = ops.rms_norm(x, self.w["layers.0.input_norm.weight"], eps)
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
-            h = rms_norm(x, self.w[p + "input_norm.weight"], eps)
-            x = x + self._attention(i, h, batch, kv_pool, cos, sin, planner, cand)
-            h = rms_norm(x, self.w[p + "post_attention_norm.weight"], eps)
-            x = x + self._mlp(i, h)
+            if i > 0:
+                h, residual = ops.add_rms_norm(x, residual, self.w[p + "input_norm.weight"], eps)
+            x = self._attention(i, h, batch, kv_pool, cos, sin, planner, cand)
+            h, residual = ops.add_rms_norm(
+                x, residual, self.w[p + "post_attention_norm.weight"], eps
+            )
+            x = self._mlp(i, h)
         if hier is not None:
             hier.offload_completed(batch.sparse.req_slots, batch.positions, batch.append_slots)
-        x = rms_norm(x[batch.logits_indices], self.w["norm.weight"], eps)
+        idx = batch.logits_indices
+        x, _ = ops.add_rms_norm(x[idx], residual[idx], self.w["norm.weight"], eps)
         return F.linear(x, self.lm_head).float()

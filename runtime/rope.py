@@ -1,4 +1,5 @@
-"""Rotary position embedding (HF "rotate_half" layout), with llama3 frequency scaling."""
+"""Rotary position embedding (HF "rotate_half" layout), with llama3 frequency scaling: the
+frequencies and the step's cos/sin; the rotation itself is plugins.ops.rope_qkv."""
 
 from __future__ import annotations
 
@@ -31,10 +32,3 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -16,7 +16,7 @@ pages than the quota keeps them all); only exact score ties may break differentl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,13 +36,18 @@ class Candidates:
     index_rows: torch.Tensor  # [B] int64, rows of the algorithm's per-page buffers
     num_kv_heads: int
     max_pages: int  # M
+    # table_rows by capacity: computed once per step, shared by every layer
+    _rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def table_rows(self, capacity: int) -> torch.Tensor:
         """[R * M] int32 row of each candidate in per-page buffers [rows, KV, capacity, *]
         flattened to [rows * KV * capacity, *]."""
-        KV = self.num_kv_heads
-        req = self.index_rows[self.row // KV]
-        return ((req * KV + self.row % KV) * capacity + self.page).to(torch.int32)
+        if capacity not in self._rows:
+            KV = self.num_kv_heads
+            req = self.index_rows[self.row // KV]
+            rows = ((req * KV + self.row % KV) * capacity + self.page).to(torch.int32)
+            self._rows[capacity] = rows
+        return self._rows[capacity]
 
 
 def candidates(

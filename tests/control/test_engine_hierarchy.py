@@ -243,3 +243,22 @@ def test_smollm2_tiny_hbm_budget_is_transparent():
             _all_free(eng)
     assert outs[0][0] == outs[1][0]
     assert stats[FETCHED] > 1000 and stats[SHORT] == 0
+
+
+def test_engine_rebalances_buffers_from_hit_rates(engines):
+    """Every REBALANCE_STEPS decode steps the engine feeds the per-request hit counters to the
+    manager: a request that misses with no buffer gets HBM buffer pages from the free pool."""
+    from spinserve.control.engine import REBALANCE_STEPS
+
+    kw = {**SPARSE, "sparse.algorithm": "quest", "cache.hierarchy": True, "cache.buffer_ratio": 0}
+    eng = LLMEngine.from_engine_dir(engines[16], device="cpu", **kw)
+    eng.add_request("r", _prompts((260,))[0], SamplingParams(max_tokens=200, ignore_eos=True))
+    held = None
+    for _ in range(3 * REBALANCE_STEPS + 2):
+        eng.step()
+        held = eng.kv._held.get("r", held)
+    assert held.hierarchical and held.width > held.mandatory  # grown from 0 buffer
+    rows = eng.kv.hierarchy.row_stats.tolist()
+    assert rows[held.row][0] > rows[held.row][1] > 0  # lookups > hits > 0, counted per row
+    eng.abort("r")
+    _all_free(eng)
