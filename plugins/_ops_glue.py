@@ -8,7 +8,7 @@ import torch
 
 from . import _validate as V
 from ._triton_util import use_triton
-from .triton_glue import rms_norm_triton, rope_qkv_triton
+from .triton_glue import fold_page_minmax_triton, rms_norm_triton, rope_qkv_triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,6 +29,15 @@ def rope_qkv_ref(
         return x * cos[:, None, :] + rotated * sin[:, None, :]
 
     return rotate(q, num_heads), rotate(k, num_kv_heads), v.reshape(T, num_kv_heads, D).clone()
+
+
+def fold_page_minmax_ref(page_min, page_max, rows, fresh, keys) -> None:
+    B, KV, D = keys.shape
+    r = rows.long().reshape(B, KV)
+    k = keys.to(page_min.dtype)
+    new = fresh.bool()[:, None, None]
+    page_min[r] = torch.where(new, k, torch.minimum(page_min[r], k))
+    page_max[r] = torch.where(new, k, torch.maximum(page_max[r], k))
 
 
 def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, residual=None) -> None:
@@ -104,6 +113,51 @@ def _(qkv, cos, sin, num_heads, num_kv_heads):
         qkv.new_empty(T, num_kv_heads, D),
         qkv.new_empty(T, num_kv_heads, D),
     )
+
+
+def _check_fold(page_min, page_max, rows, fresh, keys) -> None:
+    op = "fold_page_minmax"
+    D = keys.shape[-1] if keys.dim() == 3 else 0
+    if D < 16 or D & (D - 1) or not keys.is_contiguous():  # one power-of-two block per row
+        V._fail(op, "keys must be contiguous [B, KV, D] with D a power of two >= 16")
+    B, KV, D = keys.shape
+    for name, t in (("page_min", page_min), ("page_max", page_max)):
+        if t.dim() != 2 or t.shape[1] != D or not t.is_contiguous() or t.device != keys.device:
+            V._fail(op, f"{name} must be contiguous [N, {D}] on {keys.device}")
+    if page_min.dtype != page_max.dtype or page_min.dtype not in V.SUPPORTED_DTYPES:
+        V._fail(op, f"page_min / page_max must share a dtype of {V.SUPPORTED_DTYPES}")
+    V.check_index(op, "rows", rows, keys.device)
+    if rows.numel() != B * KV or fresh.shape != (B,) or fresh.dtype != torch.bool:
+        V._fail(op, f"rows must be [{B * KV}] int32 and fresh [{B}] bool")
+
+
+@torch.library.custom_op("spin::fold_page_minmax", mutates_args=("page_min", "page_max"))
+def _fold_op(
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    rows: torch.Tensor,
+    fresh: torch.Tensor,
+    keys: torch.Tensor,
+) -> None:
+    _check_fold(page_min, page_max, rows, fresh, keys)
+    fn = fold_page_minmax_triton if use_triton(keys) else fold_page_minmax_ref
+    fn(page_min, page_max, rows, fresh, keys)
+
+
+@_fold_op.register_fake
+def _(page_min, page_max, rows, fresh, keys) -> None:
+    _check_fold(page_min, page_max, rows, fresh, keys)
+
+
+def fold_page_minmax(
+    page_min: torch.Tensor,  # [N, D] per-page key minimum (Quest), updated in place
+    page_max: torch.Tensor,  # [N, D] per-page key maximum
+    rows: torch.Tensor,  # [B * KV] int32: table row of the new token's page, (b, h) order
+    fresh: torch.Tensor,  # [B] bool: the token opens its page (its min/max restart)
+    keys: torch.Tensor,  # [B, KV, D] the new tokens' keys
+) -> None:
+    """Fold one new key per (request, kv head) into its page's min/max: one launch on CUDA."""
+    torch.ops.spin.fold_page_minmax(page_min, page_max, rows, fresh, keys)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

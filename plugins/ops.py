@@ -17,7 +17,7 @@ import torch
 
 from . import _validate as V
 from . import reference as ref
-from ._ops_glue import add_rms_norm, rms_norm, rope_qkv
+from ._ops_glue import add_rms_norm, fold_page_minmax, rms_norm, rope_qkv
 from ._ops_hierarchy import resolve_pages
 from ._ops_sparse import gather_pages, scatter_pages, score_pages, select_pages
 from ._triton_util import use_triton
@@ -30,6 +30,7 @@ __all__ = [
     "ScoreMode",
     "add_rms_norm",
     "append_kv",
+    "fold_page_minmax",
     "gather_pages",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -131,3 +131,29 @@ def rope_qkv_triton(
             qkv, cos, sin, q, k, v, NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=D
         )
     return q, k, v
+
+
+def _fold_minmax_kernel(
+    min_ptr, max_ptr, rows_ptr, fresh_ptr, keys_ptr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    """One program per (request, kv head): fold its new key into its page's running min/max
+    (a fresh page starts from the key)."""
+    r = tl.program_id(0)
+    d = tl.arange(0, HEAD_DIM)
+    row = tl.load(rows_ptr + r).to(tl.int64) * HEAD_DIM
+    k = tl.load(keys_ptr + r.to(tl.int64) * HEAD_DIM + d)
+    fresh = tl.load(fresh_ptr + r // NUM_KV) != 0
+    mn = tl.load(min_ptr + row + d)
+    mx = tl.load(max_ptr + row + d)
+    k = k.to(mn.dtype)
+    tl.store(min_ptr + row + d, tl.where(fresh, k, tl.minimum(mn, k)))
+    tl.store(max_ptr + row + d, tl.where(fresh, k, tl.maximum(mx, k)))
+
+
+fold_minmax_kernel = lazy_jit(_fold_minmax_kernel)
+
+
+def fold_page_minmax_triton(page_min, page_max, rows, fresh, keys) -> None:
+    B, KV, D = keys.shape
+    if B:
+        fold_minmax_kernel[(B * KV,)](page_min, page_max, rows, fresh, keys, NUM_KV=KV, HEAD_DIM=D)

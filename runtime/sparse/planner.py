@@ -69,8 +69,9 @@ class SparsePlanner:
     def reserve(self, max_pages: int) -> None:
         """Size every layer's index for max_pages pages per row now (before a graph capture:
         buffers never move afterwards)."""
-        for state in self.states:
-            self.algo.reserve(state, max_pages)
+        for layer, state in enumerate(self.states):
+            if not self.is_dense_layer(layer):  # dense layers never index
+                self.algo.reserve(state, max_pages)
 
     def candidates(
         self, req_slots: torch.Tensor, seq_lens: torch.Tensor, max_pages: int

@@ -63,11 +63,12 @@ class QuestAlgorithm(SparseAlgorithm):
         keys: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        buf = state.buffers
-        idx, fresh = decode_page_index(buf, req_slots, positions, self.page_size)  # [B, KV, D]
-        k = keys.to(self.index_dtype)
-        buf["kmin"][idx] = torch.where(fresh, k, torch.minimum(buf["kmin"][idx], k))
-        buf["kmax"][idx] = torch.where(fresh, k, torch.maximum(buf["kmax"][idx], k))
+        buf, D = state.buffers, self.head_dim
+        idx, fresh = decode_page_index(buf, req_slots, positions, self.page_size)
+        req, head, page = idx  # [B, 1], [1, KV], [B, 1] -> flat table rows [B * KV]
+        rows = ((req * self.num_kv_heads + head) * buf.capacity + page).reshape(-1).int()
+        kmin, kmax = buf["kmin"].view(-1, D), buf["kmax"].view(-1, D)
+        ops.fold_page_minmax(kmin, kmax, rows, fresh.reshape(-1), keys.contiguous())
 
     def page_scores(
         self, state: SparseState, query: torch.Tensor, req_slots: torch.Tensor, n: int

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spinserve.plugins import ops
-from spinserve.plugins._ops_glue import rms_norm_ref, rope_qkv_ref
+from spinserve.plugins._ops_glue import fold_page_minmax_ref, rms_norm_ref, rope_qkv_ref
 from spinserve.plugins._validate import UnsupportedInputError
 from spinserve.runtime.rope import cos_sin
 
@@ -37,6 +37,20 @@ def _check_glue(device: str, dtype: torch.dtype, T: int, H: int, KV: int, D: int
         assert a.shape == (T, heads, D) and a.is_contiguous()
         torch.testing.assert_close(a, b, atol=tol + 1e-6, rtol=tol)
     assert torch.equal(got[2], want[2])  # v is a plain copy
+    # Quest's min/max fold: rows of distinct pages, fresh pages restart from the key
+    B = 4
+    N = B * KV + 5
+    keys = torch.randn(B, KV, D, generator=g).to(device, dtype)
+    rows = torch.randperm(N, generator=g)[: B * KV].to(device, torch.int32)
+    fresh = torch.tensor([True, False, False, True])[:B].to(device)
+    tables = [torch.randn(N, D, generator=g).to(device, dtype) for _ in range(2)]
+    tables[1] += 3  # max >= min
+    want = [t.clone() for t in tables]
+    fold_page_minmax_ref(*want, rows, fresh, keys)
+    ops.fold_page_minmax(*tables, rows, fresh, keys)
+    assert torch.equal(tables[0], want[0]) and torch.equal(tables[1], want[1])
+    r = rows.long().view(B, KV)
+    assert torch.equal(tables[0][r[0]], keys[0]) and torch.equal(tables[1][r[3]], keys[3])
 
 
 @pytest.mark.usefixtures("interpret")
