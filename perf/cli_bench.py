@@ -3,6 +3,7 @@
     spinserve bench serve  [flags]    load a running OpenAI endpoint      (perf/bench_serve.py)
     spinserve bench engine [flags]    the same workloads offline          (perf/bench_engine.py)
     spinserve bench plot FILES...     one figure comparing saved runs     (perf/bench_plots.py)
+    spinserve bench headline FILES... dense vs spin table, JSON and plot  (perf/bench_plots.py)
     spinserve perf check   [flags]    results vs perf/baselines; CI gate  (perf/check.py)
 
 Exit status: 0 success; 1 a request failed (bench) or a regression (perf check); 2 bad input
@@ -50,6 +51,12 @@ def bench_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("plot", help="throughput and latency-CDF plots comparing saved results")
     bench_plots.add_plot_args(g)
     g.set_defaults(func=bench_plots.run_plot)
+    h = sub.add_parser(
+        "headline",
+        help="table + plot of <part>-dense vs <part>-spin `bench engine` runs (ratios)",
+    )
+    bench_plots.add_headline_args(h)
+    h.set_defaults(func=bench_plots.run_headline)
     return p
 
 

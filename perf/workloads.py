@@ -11,7 +11,14 @@ distinct text and no two requests share a prefix.
 
 Each length is lo + (hi - lo) * Beta(a, b) with a / (a + b) set so that the mean is the
 benchmark's mean (a + b = CONCENTRATION), rounded to whole tokens. Scaling by a factor multiplies
-lo, hi and mean alike (each kept >= 1 token).
+lo, hi and mean alike (each kept >= 1 token). `with_fixed(input_len=, output_len=)` pins a length
+(scaling and fit_context then leave it alone and fit the other one into what remains).
+
+Prompt token ids (`prompt_ids`): "text" = the text through the engine's tokenizer (default);
+"random" = uniform random ids of the vocabulary (special tokens excluded); "text-rank" = each
+word of the text mapped to an id by its frequency rank (most frequent word -> the first regular
+id), so any vocabulary, e.g. a random-weight engine's synthetic one, gets prompts with the
+repetition statistics of real text.
 """
 
 from __future__ import annotations
@@ -67,30 +74,51 @@ class LengthDist:
         return np.clip(np.rint(x), self.lo, self.hi).astype(np.int64)
 
 
+LENGTHS = ("input_len", "output_len")
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     input_len: LengthDist
     output_len: LengthDist
-    scale: float = 1.0  # factor applied to the published lengths
+    scale: float = 1.0  # factor applied to the published lengths (of the lengths not pinned)
+    pinned: frozenset[str] = frozenset()  # of LENGTHS: fixed lengths that scaling leaves alone
 
     @property
     def max_total_tokens(self) -> int:
         return self.input_len.hi + self.output_len.hi
 
+    def with_fixed(self, input_len: int | None = None, output_len: int | None = None) -> Workload:
+        """Every request gets exactly these lengths (None: keep the distribution)."""
+        wl = self
+        for name, n in zip(LENGTHS, (input_len, output_len)):
+            if n is not None:
+                if n < 1:
+                    raise ValueError(f"a fixed {name} must be >= 1 token, got {n}")
+                wl = replace(wl, **{name: LengthDist(n, n, float(n))}, pinned=wl.pinned | {name})
+        return wl
+
     def scaled(self, factor: float) -> Workload:
         if factor <= 0:
             raise ValueError(f"scale factor must be > 0, got {factor}")
-        return replace(
-            self,
-            input_len=self.input_len.scaled(factor),
-            output_len=self.output_len.scaled(factor),
-            scale=self.scale * factor,
-        )
+        new = {n: getattr(self, n).scaled(factor) for n in LENGTHS if n not in self.pinned}
+        return replace(self, **new, scale=self.scale * factor)
 
     def fit_context(self, max_context: int) -> Workload:
-        """Scaled down (never up) so that the longest prompt + longest output fit max_context."""
-        factor = min(1.0, max_context / self.max_total_tokens)
+        """Scaled down (never up) so that the longest prompt + longest output fit max_context;
+        pinned lengths stay as they are and the others share what they leave."""
+        fixed = sum(getattr(self, n).hi for n in LENGTHS if n in self.pinned)
+        free = self.max_total_tokens - fixed
+        room = max_context - fixed
+        if room < len(LENGTHS) - len(self.pinned):  # an unpinned length needs >= 1 token
+            raise ValueError(
+                f"the fixed lengths ({fixed} tokens) leave no room in a {max_context}-token "
+                "context: shorten them or raise the context"
+            )
+        if free == 0:
+            return self
+        factor = min(1.0, room / free)
         wl = self.scaled(factor)
         while wl.max_total_tokens > max_context:  # rounding can overshoot by a token or two
             factor *= 1 - 1 / max_context
@@ -98,20 +126,13 @@ class Workload:
         return wl
 
     def describe(self) -> dict:
-        return {
-            "workload": self.name,
-            "scale": self.scale,
-            "input_len": {
-                "lo": self.input_len.lo,
-                "hi": self.input_len.hi,
-                "mean": self.input_len.mean,
-            },
-            "output_len": {
-                "lo": self.output_len.lo,
-                "hi": self.output_len.hi,
-                "mean": self.output_len.mean,
-            },
-        }
+        d: dict = {"workload": self.name, "scale": self.scale}
+        for name in LENGTHS:
+            dist = getattr(self, name)
+            d[name] = {"lo": dist.lo, "hi": dist.hi, "mean": dist.mean}
+            if name in self.pinned:
+                d[name]["fixed"] = True
+        return d
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -202,18 +223,65 @@ def text_token_ids(tokenizer, text: str, min_tokens: int) -> np.ndarray:
     return ids
 
 
+PROMPT_IDS = ("text", "random", "text-rank")
+
+
+def regular_token_ids(tokenizer, vocab_size: int | None = None) -> np.ndarray:
+    """[n] int64 ids of [0, vocab_size) that are not special tokens (vocab_size defaults to the
+    tokenizer's size)."""
+    vocab = len(tokenizer) if vocab_size is None else vocab_size
+    ids = np.setdiff1d(np.arange(vocab, dtype=np.int64), list(tokenizer.all_special_ids))
+    if ids.size == 0:
+        raise ValueError("the vocabulary has no regular (non-special) tokens")
+    return ids
+
+
+def text_rank_ids(text: str, regular: np.ndarray, min_tokens: int) -> np.ndarray:
+    """[>= min_tokens] int64: the text's words as ids by frequency rank (rank r -> regular[r %
+    len]; ties in first-appearance order); the text repeats if it is too short."""
+    chars = min(len(text), max(MIN_TEXT_CHARS, 8 * min_tokens))
+    words = np.asarray(text[:chars].split())
+    if words.size == 0:
+        raise ValueError("the prompt text has no words")
+    _, first, inverse, counts = np.unique(
+        words, return_index=True, return_inverse=True, return_counts=True
+    )
+    order = np.lexsort((first, -counts))  # most frequent first
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    ids = regular[rank[inverse] % regular.size]
+    while ids.size < min_tokens:
+        ids = np.concatenate([ids, ids])
+    return ids
+
+
 def make_requests(
     workload: Workload,
     tokenizer,
     num_requests: int,
     seed: int = 0,
     text: str | None = None,
+    prompt_ids: str = "text",
+    vocab_size: int | None = None,
 ) -> list[SampleRequest]:
-    """num_requests prompts of real text with the workload's lengths (deterministic in seed)."""
+    """num_requests prompts with the workload's lengths (deterministic in seed); prompt_ids as
+    the module docstring says (vocab_size: the model's, for "random" and "text-rank")."""
+    if prompt_ids not in PROMPT_IDS:
+        raise ValueError(f"unknown prompt ids {prompt_ids!r}: choose one of {PROMPT_IDS}")
     rng = np.random.default_rng(seed)
     in_lens = workload.input_len.sample(rng, num_requests)
     out_lens = workload.output_len.sample(rng, num_requests)
-    ids = text_token_ids(tokenizer, text if text is not None else kjv_text(), int(in_lens.max()))
+    if prompt_ids == "random":
+        regular = regular_token_ids(tokenizer, vocab_size)
+        return [
+            SampleRequest(rng.choice(regular, int(n)).tolist(), int(o))
+            for n, o in zip(in_lens, out_lens)
+        ]
+    text = text if text is not None else kjv_text()
+    if prompt_ids == "text-rank":
+        ids = text_rank_ids(text, regular_token_ids(tokenizer, vocab_size), int(in_lens.max()))
+    else:
+        ids = text_token_ids(tokenizer, text, int(in_lens.max()))
     starts = rng.integers(0, ids.size, size=num_requests)
     ring = np.concatenate([ids, ids])  # a window may wrap around the end of the text
     return [
