@@ -90,7 +90,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}/{name}".encode())
 
 
-@torch.inference_mode()
+@torch.no_grad()  # plain tensors (not inference tensors): usable in and out of inference mode
 def random_weights(
     cfg: ModelConfig, spec: RandomWeights, device: str | torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
