@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--dump-text", type=Path, required=True)
     args = p.parse_args(argv)
+    args.dump_text.parent.mkdir(parents=True, exist_ok=True)
     args.dump_text.write_text(kjv_text())
     print(f"written {args.dump_text} ({args.dump_text.stat().st_size} bytes)")
     return 0
