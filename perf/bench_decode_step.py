@@ -1,28 +1,36 @@
-"""Decode step of a Llama-3.1-8B-shaped model, batch 32 x 32K context, P = 16, Quest budget 2048
-tokens (+ 1 sink and 9 window pages): (a) sparse, every page resident in HBM; (b) sparse through
-the HBM/host hierarchy (runtime/hierarchy.py) with a 4x buffer, at controlled miss rates;
-(c) dense, all KV in HBM. CUDA-graph replay and eager, the same LlamaModel.forward.
+"""Decode step of a Llama-3.1-8B-shaped model (random bf16 weights made on the GPU at load, never
+written anywhere) through spinserve's own decode path, P = 16, Quest with bf16 min/max index:
+  (a) batch 32 x 32K context, budget 2048 tokens (+ 1 sink page and 9 window pages with the
+      tail: 138 pages per (request, layer, kv_head) row), every page resident in HBM;
+  (b) the same through the HBM/host hierarchy (runtime/hierarchy.py): each row owns the engine's
+      width of HBM slots (mandatory x (1 + 4), HierarchicalKVManager's rule), at forced miss
+      rates; the engine's resolve (torch ops) and the fused resolve kernel;
+  (c) dense attention over all 32K tokens, all KV in HBM;
+  batch256: (i) the step at batch 256 x 8K, budget 512 (the same 1/16 of the context), 1x
+      buffer, through the hierarchy, no forced misses (the largest such batch whose working sets
+      fit an 80 GB H100 beside weights and index); (ii) the control plane's CPU time between two
+      launches at that batch (perf/decode_step_control.py: LLMEngine.step on a real scheduler
+      and HierarchicalKVManager); control_share = (ii) / (i), target <= 0.10.
+The path is the runtime's: LlamaModel.forward with a SparsePlanner over QuestAlgorithm (index
+states filled with random min <= max), batches with SparseDecode(uniform_budget) as the engine
+builds them, run by the runtime's DecodeGraphRunner (static inputs, copy_from, CUDA-graph
+replay: "graph") and by the same runner with replay=False (the padded static path eagerly:
+"eager"); (a) also by the engine's eager selection (host syncs: "eager_dynamic"). Every layer is
+sparse (dense_layers 0: two dense layers' full KV would not fit beside (b)).
 
-Weights are random bf16 made on the GPU at load (never written anywhere). Selection is Quest on
-bf16 per-page min/max tables with the capturable kernels (plugins score_pages + select_pages):
-runtime/sparse's QuestAlgorithm.select syncs with the host (int(max), nonzero, topk widths), so
-it cannot be captured; `GraphQuest` here keeps its interface (states / algo.index_decode /
-algo.select / plan_decode) so LlamaModel runs unchanged.
-
-Memory: 32 x 32K of Llama-8B KV is 128 GiB, more than HBM and host RAM. So rows alias: request
-b's (layer l, head h) pages are the physical pages of row ((l + b) % L, h) of ONE request-sized
-pool (4 GiB). Within a layer the 32 requests read distinct memory (no L2 reuse); (b)'s host pool
-aliases the same way; its HBM slots are real: W = 5 x mandatory per (request, layer, head) row
-plus a dedicated tail slot. Index tables are per request (8.6 GB bf16).
-
+Memory: 32 x 32K of Llama-8B KV is 128 GiB, more than HBM and host RAM, so rows alias: request
+b's (layer l, head h) pages are the pages of row (region b % R, layer (l + b // R) % L, head h)
+of a pool of R = ceil(B / L) request-sized regions: within a layer every request reads distinct
+memory (no L2 reuse). (b)'s host pool is one region (4 GiB pinned); its HBM slots are real.
 Miss control in (b): the batch repeats one step (same token and position), so the selection
-repeats and a warm cache hits everything; before resolving, a fraction f of each row's resident
-selected pages (never the tail page) is evicted in the graph (entry cleared, slot marked empty),
-so those pages miss and are fetched again. The measured miss rate is reported.
+repeats and a warm cache hits everything; `MissForcingPlanner.select_static` evicts a fraction
+f of each row's selected resident pages (never the tail) in the step, before the model resolves
+them, so they miss and are fetched again. The measured miss rate is reported.
 
-Floors (measured in this run): (weights read + selected KV + index bytes) / HBM copy bandwidth,
-plus miss bytes / pinned host->device bandwidth for (b); (weights + all KV) / HBM for (c).
-Run: python -m spinserve.perf.bench_decode_step --out perf/results
+Floors, from bandwidths measured in this run: (weights read + selected KV + index bytes) / HBM
+copy bandwidth, plus miss bytes / pinned host-to-device bandwidth for (b); (weights + all KV) /
+HBM for (c). On an H100 80GB: ~3 min, peak ~68 GiB of HBM (during (b) and (i)), 4 GiB pinned.
+Run: python -m spinserve.perf.bench_decode_step --out perf/results [--smoke: tiny, CPU, seconds]
 """
 
 from __future__ import annotations
@@ -30,35 +38,33 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from spinserve.configs.model import Architecture, ModelConfig, RopeScaling
-from spinserve.control.host_pool import HostPagePool
-from spinserve.control.page_directory import DirectoryConfig, PageDirectory
-from spinserve.control.slot_allocator import SlotAllocator
+from spinserve.perf import decode_step_control
 from spinserve.perf.common import record, write_record
-from spinserve.plugins import ops
-from spinserve.runtime.batch import ForwardBatch, ForwardMode, SparseDecode
-from spinserve.runtime.hierarchy import (
-    FETCHED,
-    LOOKUPS,
-    SHORT,
-    HierarchicalKV,
-    HierarchyTables,
-    TableLayout,
+from spinserve.perf.decode_step_parts import (
+    SHAPES,
+    SMOKE_SHAPES,
+    P,
+    Shape,
+    build_hierarchy,
+    make_batch,
+    make_host_pool,
+    make_planner,
+    resident_pool,
+    sparse_inputs,
 )
-from spinserve.runtime.lru import PAD, BucketedLRU, page_entry_index
+from spinserve.runtime.cuda_graph import DecodeGraphRunner, SparseGraphSpec
+from spinserve.runtime.hierarchy import FETCHED, LOOKUPS, SHORT
 from spinserve.runtime.model import LlamaModel
-from spinserve.runtime.sparse.base import PageSelection, SparseParams
 
 DEV, BF16 = "cuda", torch.bfloat16
-B, CTX, P = 32, 32768 - 8, 16  # the new token sits at offset 7 of the last page: no page completes
-SINKS, WINDOW, BUDGET = 1, 9, 2048 // 16  # pages; C = 138 selected per row
-BUFFER_RATIO = 4
-SEG = 64  # logical pages per level-2 segment
+ITERS = {"graph": 15, "eager": 5}  # timed calls per measurement (3 untimed first)
+SMOKE_ITERS = {"graph": 1, "eager": 1}
 
 
 def llama8b() -> ModelConfig:
@@ -66,6 +72,11 @@ def llama8b() -> ModelConfig:
         Architecture.LLAMA, 128256, 4096, 14336, 32, 32, 8, 128, 131072, 1e-5, 500000.0,
         RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
     )  # fmt: skip
+
+
+def smoke_config() -> ModelConfig:
+    """A tiny model for a CPU dry run of this script's logic (--smoke)."""
+    return ModelConfig(Architecture.LLAMA, 1000, 256, 512, 2, 4, 2, 64, 4096)
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -88,16 +99,6 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return w
 
 
-def smoke_config() -> ModelConfig:
-    """A tiny model for a CPU dry run of this script's logic (--smoke)."""
-    return ModelConfig(Architecture.LLAMA, 1000, 256, 512, 2, 4, 2, 64, 4096)
-
-
-def _sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
 def events_ms(fn, iters: int) -> float:
     """Median ms of fn() over iters, timed with CUDA events (3 untimed calls first)."""
     for _ in range(3):
@@ -118,262 +119,197 @@ def events_ms(fn, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in pairs)
 
 
-def _hbm_copy_gbps() -> float:
-    src = torch.empty((2 << 30) if DEV == "cuda" else (16 << 20), dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / events_ms(lambda: dst.copy_(src), 10) / 1e6  # read + write
+def _copy_gbps(dst: torch.Tensor, src: torch.Tensor, iters: int) -> float:
+    """Bytes of src per ms of dst.copy_(src), in GB/s."""
+    return src.numel() / events_ms(lambda: dst.copy_(src, non_blocking=True), iters) / 1e6
 
 
 def bandwidths() -> dict[str, float]:
-    out = {"hbm_copy_gbps": _hbm_copy_gbps()}
-    torch.cuda.empty_cache()
-    size = (1 << 30) if DEV == "cuda" else (16 << 20)
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=DEV == "cuda")
-    dev = torch.empty(size, dtype=torch.uint8, device=DEV)
-    ms = events_ms(lambda: dev.copy_(host, non_blocking=True), 8)
-    out["pinned_h2d_gbps"] = host.numel() / ms / 1e6
+    """HBM device-to-device copy (read + written bytes) and pinned host-to-device copy."""
+    n = (2 << 30) if DEV == "cuda" else (16 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=DEV)
+    out = {"hbm_copy_gbps": 2 * _copy_gbps(torch.empty_like(src), src, 10)}
+    host = torch.empty(n // 2, dtype=torch.uint8, pin_memory=DEV == "cuda")
+    out["pinned_h2d_gbps"] = _copy_gbps(src[: n // 2], host, 8)
     return out
 
 
-class GraphQuest:
-    """Quest on bf16 [B*KV*N, D] min/max tables per layer, capturable; the SparsePlanner
-    interface LlamaModel uses (`states`, `algo.index_decode`, `algo.select`, `plan_decode`)."""
-
-    def __init__(self, cfg: ModelConfig, num_pages: int, seed: int = 1) -> None:
-        g = torch.Generator(DEV).manual_seed(seed)
-        KV, D, N = cfg.num_kv_heads, cfg.head_dim, num_pages
-        self.algo, self.KV, self.N, self.C = self, KV, N, SINKS + WINDOW + BUDGET
-        # every layer sparse (no dense first layers: their full KV would not fit beside (b))
-        self.params = SparseParams(BUDGET * P, SINKS * P, WINDOW * P, dense_layers=0)
-        R = B * KV
-        self.states = []
-        for layer in range(cfg.num_layers):
-            mn = torch.randn(R * N, D, generator=g, device=DEV, dtype=BF16)
-            mx = mn + torch.rand(R * N, D, generator=g, device=DEV, dtype=BF16)
-            self.states.append((layer, mn, mx))  # [B*KV*N, D] bf16 key min / max per page
-        # [R + 1] int32 candidate CSR (every page of every row); [R * N] int32 table rows
-        self.page_indptr = (torch.arange(R + 1, device=DEV) * N).int()
-        self.page_rows = torch.arange(R * N, device=DEV, dtype=torch.int32)
-        self.last = torch.full((R,), CTX - (N - 1) * P, dtype=torch.int32, device=DEV)
-        self.force = torch.zeros(1, device=DEV)  # [1] float32 fraction of hits evicted per step
-        self.hier: HierarchicalKV | None = None
-        self.index_bytes = 2 * cfg.num_layers * R * N * D * 2
-
-    def index_decode(self, state, req_slots, keys, positions) -> None:
-        _, mn, mx = state
-        heads = torch.arange(self.KV, device=DEV)
-        rows = ((req_slots[:, None] * self.KV + heads) * self.N + positions[:, None] // P).reshape(
-            -1
-        )
-        k = keys.reshape(-1, keys.shape[-1]).to(BF16)
-        fresh = (positions % P == 0)[:, None].expand(-1, self.KV).reshape(-1, 1)
-        mn[rows] = torch.where(fresh, k, torch.minimum(mn[rows], k))
-        mx[rows] = torch.where(fresh, k, torch.maximum(mx[rows], k))
-
-    def _select(self, state, q) -> tuple[torch.Tensor, torch.Tensor]:
-        _, mn, mx = state
-        scores = ops.score_pages(
-            q.contiguous(), self.page_indptr, self.page_rows, self.last, mn, mx, mn, P
-        )
-        return ops.select_pages(scores, self.page_indptr, SINKS, WINDOW, BUDGET, self.N)
-
-    def select(self, state, query, req_slots, seq_lens, budget_tokens) -> PageSelection:
-        indptr, pos = self._select(state, query)
-        page_ids = (pos % self.N).to(torch.int32)
-        if self.hier is not None:
-            self._force_misses(state[0], req_slots, page_ids.view(-1, self.C))
-        return PageSelection(indptr, page_ids, self.last)
-
-    def plan_decode(self, layer, query, keys, req_slots, seq_lens, page_table, budget_tokens):
-        self.index_decode(self.states[layer], req_slots, keys, seq_lens - 1)
-        indptr, pos = self._select(self.states[layer], query)
-        return indptr, page_table.reshape(-1)[pos.long()], self.last
-
-    def _force_misses(self, layer: int, req_slots, pages) -> None:
-        """Evict a random fraction `force` of the rows' resident selected pages (not the tail)."""
-        h, KV = self.hier, self.KV
-        lay, t = h.layout, h.tables
-        req = req_slots[:, None].expand(-1, KV).reshape(-1)
-        lh = (layer * KV + torch.arange(KV, device=DEV)).repeat(req_slots.numel())
-        e = page_entry_index(
-            t.directory, req, pages, lh, lay.l2_offset, SEG, lay.num_layer_heads, lay.spare
-        )
-        slots = t.meta[e]
-        keep_tail = torch.arange(self.C, device=DEV) < self.C - 1
-        drop = (torch.rand(slots.shape, device=DEV) < self.force) & (slots >= 0) & keep_tail
-        spare = torch.full_like(e, lay.spare)
-        t.meta.index_put_((torch.where(drop, e, spare),), torch.full_like(slots, PAD))
-        rev = torch.where(drop, lay.rev_offset + slots.long(), spare)
-        t.meta.index_put_((rev,), torch.full_like(slots, PAD))
-        h.lru.mark_empty(torch.where(drop, slots, torch.full_like(slots, PAD)))
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
-def make_batch(cfg, append_slots, page_table, sparse: SparseDecode | None) -> ForwardBatch:
-    KV, N = cfg.num_kv_heads, page_table.shape[-1]
-    i32 = dict(dtype=torch.int32, device=DEV)
-    return ForwardBatch(
-        mode=ForwardMode.DECODE,
-        input_ids=torch.randint(0, cfg.vocab_size, (B,), device=DEV),
-        positions=torch.full((B,), CTX - 1, dtype=torch.int64, device=DEV),
-        append_slots=append_slots,
-        append_offsets=torch.full((B,), (CTX - 1) % P, **i32),
-        qo_indptr=torch.arange(B + 1, **i32),
-        kv_indptr=(torch.arange(B * KV + 1, device=DEV) * N).int(),
-        kv_slots=page_table.reshape(cfg.num_layers, -1),
-        kv_last_page_len=torch.full((B * KV,), CTX - (N - 1) * P, **i32),
-        logits_indices=torch.arange(B, device=DEV),
-        sparse=sparse,
-    )
-
-
-def time_modes(fn) -> dict[str, float]:
-    """Eager and graph-replay ms of one decode step fn()."""
-    out = {"eager_ms": events_ms(fn, 5)}
-    if DEV != "cuda":
-        out["graph_ms"], out["_graph"] = out["eager_ms"], None
-        return out
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    out["graph_ms"] = events_ms(graph.replay, 15)
-    out["_graph"] = graph
-    return out
-
-
-def aliased_rows(cfg, N: int) -> np.ndarray:
-    """[B, LH] physical row of request b's (layer, head) row in a one-request pool."""
-    L, KV = cfg.num_layers, cfg.num_kv_heads
-    lay = (np.arange(L)[None, :] + np.arange(B)[:, None]) % L  # [B, L]
-    return (lay[:, :, None] * KV + np.arange(KV)).reshape(B, L * KV)
-
-
-def run_resident(cfg, model, quest, fl) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(a) sparse every page resident and (c) dense, over one aliased 4 GiB pool.
-    Returns their metrics, the pool and the aliased page table."""
-    L, KV, D, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, quest.N
-    rows = L * KV * N
-    g = torch.Generator(DEV).manual_seed(2)
-    # [1 + L*KV*N, 2, P, D] bf16 pool of ONE request's pages; slot 0 = dummy
-    pool = torch.randn(1 + rows, 2, P, D, generator=g, device=DEV, dtype=BF16)
-    phys = torch.from_numpy(aliased_rows(cfg, N)).to(DEV)  # [B, LH]
-    base = 1 + phys.view(B, L, KV).permute(1, 0, 2) * N  # [L, B, KV]
-    # [L, B, KV, N] int32: slot of request b's logical page j of (layer, head)
-    table = (base[..., None] + torch.arange(N, device=DEV)).int()
-    append = table[..., N - 1].contiguous()
-    sparse = SparseDecode(
-        "quest", torch.arange(B, device=DEV), torch.full((B,), CTX, device=DEV), table,
-        torch.full((B,), BUDGET * P, device=DEV),
-    )  # fmt: skip
-    res = {}
-    batch = make_batch(cfg, append, table, sparse)
-    res["a_resident"] = time_modes(lambda: model.forward(batch, pool, quest))
-    dense = make_batch(cfg, append, table, None)
-    res["c_dense"] = time_modes(lambda: model.forward(dense, pool))
-    page = 2 * P * D * 2
-    sel = B * L * KV * quest.C * page
-    res["a_resident"]["floor_ms"] = (fl["weights"] + sel + quest.index_bytes) / fl["hbm"]
-    res["a_resident"]["bytes"] = {"selected_kv": sel, "index": quest.index_bytes}
-    res["c_dense"]["floor_ms"] = (fl["weights"] + B * L * KV * N * page) / fl["hbm"]
-    res["c_dense"]["bytes"] = {"kv": B * L * KV * N * page}
-    return res, pool, table
-
-
-def build_hierarchy(cfg, quest, pool) -> tuple[HierarchicalKV, torch.Tensor, PageDirectory]:
-    """(b)'s tables: the control plane's PageDirectory with per-row owned HBM slots (W = 5 x C)
-    and a dedicated tail slot; host entries aliased onto a host pool holding `pool`'s pages."""
-    L, KV, D, N, C = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, quest.N, quest.C
-    LH, W = L * KV, (1 + BUFFER_RATIO) * C
-    host = HostPagePool(pool.shape[0], P, D, BF16, use_cuda=DEV == "cuda")
-    host.pool_for_kernels.copy_(pool)
-    num_hbm = 1 + B * LH * (W + 1)
-    dcfg = DirectoryConfig(B, N, SEG, LH, num_segments=1 + B * N // SEG)
-    d = PageDirectory(dcfg, SlotAllocator(num_hbm), SlotAllocator(1 + B * N * LH), DEV)
-    for b in range(B):
-        d.admit(b)
-    d.grow(np.arange(B), np.full(B, N))
-    phys = aliased_rows(cfg, N)  # host entries -> the aliased host pages
-    p = np.arange(N).reshape(N // SEG, SEG)
-    for b in range(B):
-        d.host_l2_cpu[d.dir_cpu[b]] = 1 + phys[b][None, None, :] * N + p[:, :, None]
-    owned = d.own_hbm(np.arange(B), LH * (W + 1)).reshape(B, LH, W + 1)
-    d.set_hbm(np.arange(B), np.full(B, N - 1), owned[:, :, W])  # tail pages resident
-    d.flush()
-    hbm = torch.zeros(num_hbm, 2, P, D, device=DEV, dtype=BF16)
-    row_slots = torch.from_numpy(owned[:, :, :W].copy()).to(DEV)  # [B, LH, W] int32
-    lay = TableLayout(d.l2_offset, d.rev_offset, d.spare, SEG, L, KV, P)
-    tables = HierarchyTables(d.meta_gpu, d.dir_gpu, d.host_l2_gpu, row_slots)
-    hier = HierarchicalKV(lay, tables, BucketedLRU(num_hbm, DEV), hbm, host.pool_for_kernels, C)
-    hier._host = host  # keep the pinned pool alive with the hierarchy
-    tail = torch.from_numpy(owned[:, :, W].copy()).to(DEV).view(B, L, KV).permute(1, 0, 2)
-    return hier, tail.contiguous(), d
-
-
-def run_hierarchy(cfg, model, quest, fl, hier, tail, fractions) -> dict:
-    """(b): fused resolve (one kernel per layer) at every forced fraction, then the torch-op
-    path (runtime/hierarchy with fused=False, its reference) as the in-run peer. The record of
-    e8a6a71 (decode_step_h100_e8a6a71.json) has the torch path only."""
-    quest.hier = hier
-    sparse = SparseDecode(
-        "quest", torch.arange(B, device=DEV), torch.full((B,), CTX, device=DEV),
-        torch.zeros(cfg.num_layers, B, cfg.num_kv_heads, 1, dtype=torch.int32, device=DEV),
-        torch.full((B,), BUDGET * P, device=DEV), hierarchy=hier,
-    )  # fmt: skip
-    batch = make_batch(cfg, tail, sparse.page_table, sparse)
-
-    def step():
-        return model.forward(batch, hier.hbm_pool, quest)
-
-    for _ in range(2):  # cold: every selected page misses once
-        step()
+def _free() -> None:
     _sync()
-    out = {"cold_fetched_pages": int(hier.stats[FETCHED])}
-    hier.fused = DEV == "cuda"  # the fused resolve kernel needs Triton
-    out["resolve"] = "fused" if hier.fused else "torch"
-    out["rows"] = _hierarchy_rows(cfg, quest, fl, hier, step, fractions)
-    if hier.fused:  # the torch-op path (its reference) as the in-run peer
-        hier.fused = False
-        out["torch_resolve_rows"] = _hierarchy_rows(cfg, quest, fl, hier, step, fractions[:2])
-    out["offload_completed_ms"] = offload_ms(hier, cfg)
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def runners(model, pool, planner, cfg, shape: Shape, spec) -> tuple:
+    """(graph, eager) DecodeGraphRunners of the measured bucket only (capture time, memory).
+    Without CUDA both run the padded static path eagerly."""
+    out = []
+    for replay in (DEV == "cuda", False):
+        r = DecodeGraphRunner(
+            lambda b: model.forward(b, pool, planner), cfg.num_layers, cfg.num_kv_heads,
+            shape.batch, shape.pages, torch.device(DEV), spec, replay,
+        )  # fmt: skip
+        r.buckets = [shape.batch]
+        r.capture()
+        out.append(r)
+    return tuple(out)
+
+
+def time_modes(graph, eager, batch) -> dict[str, float]:
+    assert graph.can_run(batch) and eager.can_run(batch), "the batch would not take the graph"
+    return {
+        "graph_ms": events_ms(lambda: graph.run(batch), ITERS["graph"]),
+        "eager_ms": events_ms(lambda: eager.run(batch), ITERS["eager"]),
+    }
+
+
+def floors(cfg, shape: Shape, planner, fl) -> dict[str, float]:
+    """Bytes one step must read and its HBM floor (ms) for sparse attention."""
+    L, KV, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    page = 2 * P * D * 2
+    sinks, window, dynamic = planner.algo.page_quota(shape.budget)
+    C = min(sinks + window + dynamic, shape.pages)
+    sel = shape.batch * L * KV * C * page
+    index = 2 * L * shape.batch * KV * shape.pages * D * 2  # min + max of every page, bf16
+    return {
+        "selected_pages_per_row": C,
+        "page_bytes": page,
+        "selected_kv": sel,
+        "index": index,
+        "floor_ms": (fl["weights"] + sel + index) / fl["hbm"],
+    }
+
+
+def run_resident(cfg, model, shape: Shape, fl) -> tuple[dict, torch.Tensor]:
+    """(a) sparse, every page resident, and (c) dense, over one aliased pool (returned)."""
+    L, KV, N, B = cfg.num_layers, cfg.num_kv_heads, shape.pages, shape.batch
+    planner = make_planner(cfg, shape, DEV, seed=1)
+    pool, table = resident_pool(cfg, shape, DEV)
+    append = table[..., N - 1].contiguous()
+    batch = make_batch(cfg, shape, append, None, sparse_inputs(shape, table, DEV))
+    spec = SparseGraphSpec("quest", shape.budget, L)
+    a = time_modes(*runners(model, pool, planner, cfg, shape, spec), batch)
+    a["eager_dynamic_ms"] = events_ms(lambda: model.forward(batch, pool, planner), ITERS["eager"])
+    f = floors(cfg, shape, planner, fl)
+    a["floor_ms"] = f["floor_ms"]
+    a["bytes"] = {"selected_kv": f["selected_kv"], "index": f["index"]}
+    _free()
+    dense = make_batch(cfg, shape, append, table, None)
+    c = time_modes(*runners(model, pool, None, cfg, shape, None), dense)
+    kv_bytes = B * L * KV * N * f["page_bytes"]
+    c["floor_ms"] = (fl["weights"] + kv_bytes) / fl["hbm"]
+    c["bytes"] = {"kv": kv_bytes}
+    for r in (a, c):
+        r["graph_over_floor"] = r["graph_ms"] / r["floor_ms"]
+    _free()
+    return {"a_resident": a, "c_dense": c}, pool
+
+
+def run_hierarchy(cfg, model, shape: Shape, fl, host, fractions, paths) -> dict:
+    """Sparse through the hierarchy: cold start, then per resolve path a graph and an eager
+    runner at every forced miss fraction."""
+    planner = make_planner(cfg, shape, DEV, seed=3)
+    hier, tail, directory = build_hierarchy(cfg, shape, host, DEV)
+    planner.hier = hier
+    empty = torch.zeros(0, shape.batch, cfg.num_kv_heads, 1, dtype=torch.int32, device=DEV)
+    batch = make_batch(cfg, shape, tail, None, sparse_inputs(shape, empty, DEV, hier))
+    f = floors(cfg, shape, planner, fl)
+    out: dict = {"selected_pages_per_row": f["selected_pages_per_row"]}
+    for path in paths:
+        hier.fused = path == "fused"
+        spec = SparseGraphSpec("quest", shape.budget, 0, hier)
+        graph, eager = runners(model, hier.hbm_pool, planner, cfg, shape, spec)
+        if "cold_fetched_pages" not in out:  # every selected page but the tail misses once
+            before = int(hier.stats[FETCHED])
+            graph.run(batch)
+            _sync()
+            out["cold_fetched_pages"] = int(hier.stats[FETCHED]) - before
+            graph.run(batch)
+        key = "rows" if path == "torch" else f"{path}_resolve_rows"
+        out[key] = _hierarchy_rows(graph, eager, batch, planner, hier, f, fl, fractions)
+        del graph, eager
+        _free()
+    out["offload_completed_ms"] = offload_ms(hier, cfg, shape)
+    directory.close()
     return out
 
 
-def _hierarchy_rows(cfg, quest, fl, hier, step, fractions) -> list[dict]:
-    graph = torch.cuda.CUDAGraph() if DEV == "cuda" else None
-    if graph is not None:
-        step()  # warm the path's kernels outside the capture
-        with torch.cuda.graph(graph):
-            step()
-    page = 2 * P * cfg.head_dim * 2
-    sel = B * cfg.num_layers * cfg.num_kv_heads * quest.C * page
+def _hierarchy_rows(graph, eager, batch, planner, hier, f, fl, fractions) -> list[dict]:
     rows = []
-    for f in fractions:
-        quest.force.fill_(f)
-        row = {"forced_fraction": f}
-        replay = graph.replay if graph is not None else step
-        for name, fn, iters in (("graph", replay, 15), ("eager", step, 5)):
+    for frac in fractions:
+        planner.force.fill_(frac)
+        row = {"forced_fraction": frac}
+        for name, runner in (("graph", graph), ("eager", eager)):
             before = hier.stats.clone()
-            row[f"{name}_ms"] = events_ms(fn, iters)
+            row[f"{name}_ms"] = events_ms(lambda r=runner: r.run(batch), ITERS[name])
             delta = (hier.stats - before).tolist()
             row[f"{name}_miss_rate"] = delta[FETCHED] / max(delta[LOOKUPS], 1)
-            row[f"{name}_fetched_pages_per_step"] = delta[FETCHED] / (iters + 3)
+            row[f"{name}_fetched_pages_per_step"] = delta[FETCHED] / (ITERS[name] + 3)
             assert delta[SHORT] == 0, "a row ran out of victims: budget bug"
-        miss_bytes = row["graph_fetched_pages_per_step"] * page
-        row["pcie_bytes_per_step"] = miss_bytes
-        hbm_ms = (fl["weights"] + sel + quest.index_bytes) / fl["hbm"]
-        row["floor_ms"] = hbm_ms + miss_bytes / fl["pcie"]
+        row["pcie_bytes_per_step"] = row["graph_fetched_pages_per_step"] * f["page_bytes"]
+        row["floor_ms"] = f["floor_ms"] + row["pcie_bytes_per_step"] / fl["pcie"]
         row["graph_over_floor"] = row["graph_ms"] / row["floor_ms"]
         rows.append(row)
         print(row, flush=True)
-    quest.force.fill_(0)
+    planner.force.fill_(0)
     return rows
 
 
-def offload_ms(hier: HierarchicalKV, cfg) -> float:
+def offload_ms(hier, cfg, shape: Shape) -> float:
     """One step's offload when every row completes a page (B * L * KV pages to the host)."""
+    B = shape.batch
     req = torch.arange(B, device=DEV)
-    pos = torch.full((B,), CTX - 1 + (P - 1 - (CTX - 1) % P), device=DEV)
+    pos = torch.full((B,), shape.pages * P - 1, device=DEV)
     tail = torch.ones(cfg.num_layers, B, cfg.num_kv_heads, dtype=torch.int32, device=DEV)
     return events_ms(lambda: hier.offload_completed(req, pos, tail), 10)
+
+
+def run_batch256(cfg, model, shape: Shape, fl, steps: int) -> dict:
+    """(i) the GPU step at batch 256 (engine's resolve, no forced misses), (ii) the CPU time
+    between two launches, and their ratio."""
+    host = make_host_pool(cfg, shape, None, DEV)
+    step = run_hierarchy(cfg, model, shape, fl, host, [0.0], ["torch"])
+    host.close()
+    _free()
+    control = decode_step_control.measure(cfg, shape, DEV, steps)
+    gpu_ms = step["rows"][0]["graph_ms"]
+    return {
+        "step": step,
+        "control_plane": control,
+        "gpu_step_ms": gpu_ms,
+        "control_share": control["step_ms"]["median_ms"] / gpu_ms,
+        "control_share_mean": control["step_ms"]["mean_ms"] / gpu_ms,
+    }
+
+
+def table(metrics: dict, shape256: Shape) -> str:
+    lines = [f"{'case':<34}{'graph ms':>10}{'eager ms':>10}{'floor ms':>10}{'x floor':>9}"]
+
+    def add(name, r):
+        cells = f"{r['graph_ms']:>10.2f}{r['eager_ms']:>10.2f}{r['floor_ms']:>10.2f}"
+        lines.append(f"{name:<34}{cells}{r['graph_over_floor']:>9.2f}")
+
+    add("(a) sparse, resident", metrics["a_resident"])
+    add("(c) dense", metrics["c_dense"])
+    b = metrics.get("b_hierarchy", {})
+    for key in ("rows", "fused_resolve_rows"):
+        for r in b.get(key, []):
+            tag = "torch" if key == "rows" else "fused"
+            add(f"(b) {tag} f={r['forced_fraction']} miss={r['graph_miss_rate']:.3f}", r)
+    if "batch256" in metrics:
+        m = metrics["batch256"]
+        add(f"(i) batch {shape256.batch} x {shape256.context}, hier.", m["step"]["rows"][0])
+        cp = m["control_plane"]["step_ms"]
+        lines.append(
+            f"(ii) control plane per step: median {cp['median_ms']:.2f} ms, mean "
+            f"{cp['mean_ms']:.2f} ms -> share {m['control_share']:.3f} (target <= 0.10)"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -381,11 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("perf/results"))
     ap.add_argument("--name", default="decode_step_h100")
     ap.add_argument("--fractions", default="0,0.02,0.1,0.3")
+    ap.add_argument("--control-steps", type=int, default=100)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: logic only")
     args = ap.parse_args(argv)
-    global DEV, B, CTX, BUDGET
-    if args.smoke:
-        DEV, B, CTX, BUDGET = "cpu", 2, 16 * 128 - 8, 16
+    global DEV
+    DEV = "cpu" if args.smoke else "cuda"
+    ITERS.update(SMOKE_ITERS if args.smoke else {"graph": 15, "eager": 5})
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     cfg = smoke_config() if args.smoke else llama8b()
     bw = bandwidths()
     print(bw, flush=True)
@@ -393,29 +331,44 @@ def main(argv: list[str] | None = None) -> dict:
     w_bytes = sum(t.numel() * t.element_size() for k, t in weights.items() if "embed" not in k)
     fl = {"weights": w_bytes, "hbm": bw["hbm_copy_gbps"] * 1e6, "pcie": bw["pinned_h2d_gbps"] * 1e6}
     model = LlamaModel(cfg, weights)
-    quest = GraphQuest(cfg, -(-CTX // P))
-    res, pool, table = run_resident(cfg, model, quest, fl)
-    for r in res.values():
-        r.pop("_graph")
-        r["graph_over_floor"] = r["graph_ms"] / r["floor_ms"]
-    print(res, flush=True)
-    write_record(record("decode_step", {"partial": "a and c only"}, res), args.out, args.name)
-    hier, tail, _directory = build_hierarchy(cfg, quest, pool)
-    del pool, table
-    torch.cuda.empty_cache()
-    fractions = [float(x) for x in args.fractions.split(",")]
-    res["b_hierarchy"] = run_hierarchy(cfg, model, quest, fl, hier, tail, fractions)
     config = {
-        "model": "Llama-3.1-8B shape, random bf16 weights made at load", "batch": B,
-        "context_tokens": CTX, "page_size": P, "algorithm": "quest (bf16 min/max tables)",
-        "budget_tokens": BUDGET * P, "sink_pages": SINKS, "window_pages": WINDOW,
-        "selected_pages_per_row": quest.C, "buffer_ratio": BUFFER_RATIO,
-        "kv_aliasing": "request b's (layer l, head h) row reads physical row ((l + b) % L, h)",
-        "torch": torch.__version__,
+        "model": "Llama-3.1-8B shape, random bf16 weights made at load" if not args.smoke
+        else "smoke: tiny model", "page_size": P, "algorithm": "quest (bf16 min/max index)",
+        "sink_tokens": 16, "window_tokens": 128, "dense_layers": 0,
+        "shapes": {k: {**asdict(s), "mandatory": s.mandatory, "row_width": s.width}
+                   for k, s in shapes.items()},
+        "cuda_graphs": DEV == "cuda", "torch": torch.__version__,
+        "kv_aliasing": "request b's (layer l, head h) row reads row (region b % R, layer "
+        "(l + b // R) % L, h) of R = ceil(B / L) request-sized regions",
     }  # fmt: skip
+    # backwards-compatible keys of the 32K records
+    s32 = shapes["32k"]
+    config.update(batch=s32.batch, context_tokens=s32.context, budget_tokens=s32.budget)
     floor = {**bw, "weight_bytes_read": w_bytes}
-    rec = record("decode_step", config, res, floor=floor, targets={"a_graph_over_floor": 1.3})
-    print(write_record(rec, args.out, args.name), flush=True)
+    targets = {"a_graph_over_floor": 1.3, "control_share": 0.10}
+
+    def save(metrics, partial=None):
+        extra = {"partial": partial} if partial else {}
+        rec = record("decode_step", config, metrics, floor=floor, targets=targets, **extra)
+        return rec, write_record(rec, args.out, args.name)
+
+    res, pool = run_resident(cfg, model, s32, fl)
+    print(res, flush=True)
+    save(res, "a and c only")
+    region = cfg.num_layers * cfg.num_kv_heads * s32.pages
+    host = make_host_pool(cfg, s32, pool[1 : 1 + region], DEV)
+    del pool
+    _free()
+    fractions = [float(x) for x in args.fractions.split(",")]
+    paths = ["torch", "fused"] if DEV == "cuda" else ["torch"]
+    res["b_hierarchy"] = run_hierarchy(cfg, model, s32, fl, host, fractions, paths)
+    host.close()
+    _free()
+    save(res, "a, b and c only")
+    res["batch256"] = run_batch256(cfg, model, shapes["256"], fl, args.control_steps)
+    rec, path = save(res)
+    print(path)
+    print(table(res, shapes["256"]), flush=True)
     return rec
 
 
