@@ -2,15 +2,22 @@
 
 Tasks, on SmolLM2-135M-Instruct (the embedded engine) with public-domain haystack text (the King
 James Bible through Debian's `bible` reader, package bible-kjv, or any --text-file):
-  * passkey: a 5-digit key hidden at depth d of a context of C tokens; the context is prefilled
-    densely, the question is fed through sparse decode steps, the answer is generated greedily
-    and counts when it contains the key. Grid: contexts x depths x budgets x algorithms.
-  * greedy agreement: on the passkey prompts of the `agreement_depths`, `agreement_tokens`
-    greedy tokens against dense's: match rate (position-wise) and first divergence.
-  * perplexity: held-out text (other books), prefill C - T tokens densely, then T tokens
-    teacher-forced through sparse decode.
-Output: perf/results/eval_accuracy_<time>.json (+ .png). The runtime page size is 16, except
-for algorithms that need another (shadowkv: 8), which get the same context re-paged.
+  * passkey: a 5-digit key hidden at depth d of a context of C tokens, `trials` keys per
+    (C, d); the context is prefilled densely, the question is fed through sparse decode steps,
+    the answer is generated greedily and counts when it contains the key. The question ends
+    with "The pass key is " whose trailing space is its own token, as in the needle
+    ("is", " ", digits): the model's first answer token is then a digit, not a coin flip between
+    " a" and the bare space (SmolLM2 puts ~0.2 on the space, so ending at "is" measured that
+    flip rather than retrieval). Grid: contexts x depths x trials x budgets x algorithms.
+  * greedy agreement: on every passkey prompt, `agreement_tokens` greedy tokens against dense's:
+    match rate (position-wise) and first divergence.
+  * perplexity: `ppl_windows` held-out windows (other books) of C tokens: prefill C - T - 1
+    tokens densely, then T + 1 tokens teacher-forced through sparse decode (NLL of T tokens).
+Batching: per context, every prompt of the grid (passkey and perplexity windows) is prefilled
+once into one EvalSession; each (algorithm, budget) then decodes the whole batch together
+(eval_session.py). Output: perf/results/eval_accuracy_<time>.json (+ .png). The runtime page
+size is 16, except for algorithms that need another (shadowkv: 8), which get the same context
+re-paged.
 """
 
 from __future__ import annotations
@@ -22,12 +29,12 @@ import random
 import re
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spinserve.runtime.sparse import SparseParams, get_algorithm
 
-from .eval_report import merge_results, summarize, write_results
+from .eval_report import format_table, merge_results, summarize, write_results
 from .eval_session import DENSE, EvalSession
 
 HAYSTACK_BOOKS = "Ge1:1-De34:12"  # Genesis..Deuteronomy
@@ -37,28 +44,46 @@ INTRO = (
     "Find it and memorize it. I will quiz you about the pass key.\n\n"
 )
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+QUESTION = "\n\nWhat is the pass key? The pass key is "
 
 
 @dataclass
 class EvalConfig:
     contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     depths: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
+    trials: int = 3  # keys per (context, depth)
     budgets: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     algorithms: list[str] = field(
         default_factory=lambda: ["streaming", "quest", "shadowkv", "retroinfer"]
     )
     answer_tokens: int = 8
-    agreement_depths: list[float] = field(default_factory=lambda: [0.5])
-    agreement_tokens: int = 64
+    agreement_tokens: int = 64  # greedy tokens generated per passkey prompt (>= answer_tokens)
     ppl_contexts: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
-    ppl_tokens: int = 128
+    ppl_tokens: int = 64
+    ppl_windows: int = 3  # held-out windows per context
     sink_tokens: int = 16
     window_tokens: int = 128
     dense_layers: int = 2
     chat: bool = False  # passkey prompt in the chat template
     seed: int = 0
     device: str = "cpu"
+
+    @property
+    def generate_tokens(self) -> int:
+        return max(self.answer_tokens, self.agreement_tokens)
+
+
+@dataclass
+class Prompt:
+    """One request of a context's batch: a passkey prompt or a perplexity window."""
+
+    context: int
+    prefill: list[int]
+    forced: list[int]  # teacher-forced decode tokens (question; held-out continuation)
+    depth: float | None = None  # passkey only
+    trial: int = 0
+    key: int | None = None
+    needle: tuple[int, int] = (0, 0)  # [first, end) token positions of the needle
 
 
 def load_text(books: str, text_file: Path | None) -> str:
@@ -82,9 +107,10 @@ def page_size_for(algorithm: str) -> int:
 
 def passkey_prompt(
     tok, hay_ids: list[int], context: int, depth: float, key: int, reserve: int, chat: bool
-):
-    """-> (prefill ids, question ids); prefill + question = context - reserve tokens. chat: wrap
-    in the model's chat template (the answer prefix then opens the assistant turn)."""
+) -> tuple[list[int], list[int], tuple[int, int]]:
+    """-> (prefill ids, question ids, needle [first, end) positions); prefill + question =
+    context - reserve tokens. chat: wrap in the model's chat template (the answer prefix then
+    opens the assistant turn)."""
     head, tail = "", ""
     if chat:
         marker = "\x00MARK\x00"
@@ -97,126 +123,177 @@ def passkey_prompt(
     question = QUESTION.replace(" The pass key is", tail + "The pass key is") if chat else QUESTION
     question = tok.encode(question)
     n_hay = context - reserve - len(intro) - len(needle) - len(question)
+    if n_hay < 0 or len(hay_ids) < n_hay:
+        raise ValueError(f"context {context}: {len(hay_ids)} haystack tokens, {n_hay} needed")
     hay = hay_ids[:n_hay]
     cut = int(round(depth * n_hay))
-    return intro + hay[:cut] + needle + hay[cut:], question
+    first = len(intro) + cut
+    return intro + hay[:cut] + needle + hay[cut:], question, (first, first + len(needle))
 
 
-def run_configs(sessions, cfg: EvalConfig):
-    """Yield (algorithm, budget, session) for dense and every algorithm x budget."""
-    yield DENSE, 0, sessions[16]
+def passkey_prompts(tok, hay_ids: list[int], context: int, cfg: EvalConfig) -> list[Prompt]:
+    """Every (depth, trial) of one context; keys drawn from Random((seed, context))."""
+    rng = random.Random(cfg.seed * 1_000_003 + context)
+    out = []
+    for depth in cfg.depths:
+        for trial in range(cfg.trials):
+            key = rng.randrange(10000, 100000)
+            prefill, question, needle = passkey_prompt(
+                tok, hay_ids, context, depth, key, cfg.generate_tokens, cfg.chat
+            )
+            out.append(Prompt(context, prefill, question, depth, trial, key, needle))
+    return out
+
+
+def ppl_prompts(held_ids: list[int], context: int, cfg: EvalConfig) -> list[Prompt]:
+    """ppl_windows consecutive windows of `context` held-out tokens."""
+    T, out = cfg.ppl_tokens, []
+    for w in range(cfg.ppl_windows):
+        ids = held_ids[w * context : (w + 1) * context]
+        if len(ids) < context:
+            raise ValueError(f"held-out text too short for {cfg.ppl_windows} x {context} tokens")
+        out.append(Prompt(context, ids[: context - T - 1], ids[context - T - 1 :]))
+    return out
+
+
+def run_configs(cfg: EvalConfig):
+    """(algorithm, budget) pairs: dense first (budget 0), then every algorithm x budget."""
+    yield DENSE, 0
     for algo in cfg.algorithms:
         for budget in cfg.budgets:
-            yield algo, budget, sessions[page_size_for(algo)]
+            yield algo, budget
 
 
-def prepare(sessions, prefill_ids: list[int]) -> None:
-    sessions[16].prefill(prefill_ids)
-    for p, s in sessions.items():
-        if p != 16:
+def _clock(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def decode_all(sessions, prompts: list[Prompt], cfg: EvalConfig, params: SparseParams, timing):
+    """Prefill the batch once, then per (algorithm, budget) one batched decode pass.
+    Yields (algorithm, budget, generated ids per prompt, NLLs per prompt); appends the time of
+    every phase to `timing`."""
+    t0 = _clock(cfg.device)
+    sessions[16].prefill([p.prefill for p in prompts])
+    for size, s in sessions.items():
+        if size != 16:
             s.copy_context_from(sessions[16])
+    context, batch = prompts[0].context, len(prompts)
+    timing.append(dict(context=context, phase="prefill", batch=batch, s=_clock(cfg.device) - t0))
+    forced = [p.forced for p in prompts]
+    steps = max(len(f) for f in forced) + cfg.generate_tokens - 1
+    indexed = None
+    for algo, budget in run_configs(cfg):
+        sess = sessions[16 if algo == DENSE else page_size_for(algo)]
+        t0 = _clock(cfg.device)
+        if indexed != algo:
+            sess.index(algo, params)
+            indexed = algo
+            t1 = _clock(cfg.device)
+            timing.append(dict(context=context, phase="index", algorithm=algo, s=t1 - t0))
+            t0 = t1
+        gens, nlls = sess.run(budget, forced, cfg.generate_tokens)
+        cell = dict(context=context, phase="decode", algorithm=algo, budget=budget, batch=batch)
+        timing.append(cell | dict(steps=steps, s=_clock(cfg.device) - t0))
+        yield algo, budget, gens, nlls
 
 
-def eval_passkey(sessions, tok, hay_ids, cfg: EvalConfig, params: SparseParams, log, save):
-    rows, agreement = [], []
-    rng = random.Random(cfg.seed)
-    for context in cfg.contexts:
-        for depth in cfg.depths:
-            t0 = time.time()
-            key = rng.randrange(10000, 100000)
-            cell, agree = passkey_cell(sessions, tok, hay_ids, cfg, params, context, depth, key)
-            rows += cell
-            agreement += agree
-            ok = " ".join(f"{r['algorithm']}@{r['budget']}={int(r['correct'])}" for r in cell)
-            log(f"passkey ctx={context} depth={depth:.1f} ({time.time() - t0:.0f}s): {ok}")
-            save(dict(passkey=rows, agreement=agreement, perplexity=[]))
-    return rows, agreement
-
-
-def passkey_cell(sessions, tok, hay_ids, cfg, params, context, depth, key):
-    """One prefill, then every (algorithm, budget) on it."""
-    agree = depth in cfg.agreement_depths
-    n_gen = max(cfg.answer_tokens, cfg.agreement_tokens if agree else 0)
-    prefill, question = passkey_prompt(tok, hay_ids, context, depth, key, n_gen, cfg.chat)
-    prepare(sessions, prefill)
-    rows, agreement, dense_out = [], [], None
-    for algo, budget, sess in run_configs(sessions, cfg):
-        out, _ = sess.run(algo, budget, params, question, n_gen)
-        answer = tok.decode(out[: cfg.answer_tokens])
-        rows.append(
-            dict(
-                context=context,
-                depth=depth,
-                algorithm=algo,
-                budget=budget,
-                key=key,
-                answer=answer,
-                correct=str(key) in answer,
+def context_rows(sessions, tok, prompts: list[Prompt], cfg: EvalConfig, params) -> dict:
+    """Passkey, agreement and perplexity rows of one context's batch."""
+    rows = dict(passkey=[], agreement=[], perplexity=[], timing=[])
+    dense_out = {}
+    for algo, budget, gens, nlls in decode_all(sessions, prompts, cfg, params, rows["timing"]):
+        ppl_nll = []
+        for i, (p, out, nll) in enumerate(zip(prompts, gens, nlls)):
+            if p.key is None:
+                ppl_nll += nll
+                continue
+            answer = tok.decode(out[: cfg.answer_tokens])
+            cell = dict(context=p.context, depth=p.depth, trial=p.trial, key=p.key)
+            cell |= dict(algorithm=algo, budget=budget, answer=answer)
+            rows["passkey"].append(cell | dict(correct=str(p.key) in answer))
+            if algo == DENSE:
+                dense_out[i] = out
+            elif cfg.agreement_tokens:
+                rows["agreement"].append(
+                    agreement_row(cell, out[: cfg.agreement_tokens], dense_out[i])
+                )
+        if ppl_nll:
+            ppl = math.exp(sum(ppl_nll) / len(ppl_nll))
+            rows["perplexity"].append(
+                dict(context=prompts[0].context, algorithm=algo, budget=budget, ppl=ppl)
             )
-        )
-        if algo == DENSE:
-            dense_out = out
-        elif agree:
-            agreement.append(agreement_row(context, depth, algo, budget, out, dense_out))
-    return rows, agreement
+    return rows
 
 
-def agreement_row(context, depth, algo, budget, out, ref):
+def agreement_row(cell: dict, out: list[int], ref: list[int]) -> dict:
     n = min(len(out), len(ref))
     same = [a == b for a, b in zip(out[:n], ref[:n])]
     first = same.index(False) if False in same else n
-    return dict(
-        context=context,
-        depth=depth,
-        algorithm=algo,
-        budget=budget,
-        tokens=n,
-        match_rate=sum(same) / n,
-        first_divergence=first,
+    keep = ("context", "depth", "trial", "algorithm", "budget")
+    return {k: cell[k] for k in keep} | dict(
+        tokens=n, match_rate=sum(same) / max(n, 1), first_divergence=first
     )
 
 
-def eval_perplexity(sessions, held_ids, cfg: EvalConfig, params: SparseParams, log):
-    rows = []
-    for context in cfg.ppl_contexts:
-        ids = held_ids[:context]
-        prepare(sessions, ids[: context - cfg.ppl_tokens - 1])
-        forced = ids[context - cfg.ppl_tokens - 1 :]
-        for algo, budget, sess in run_configs(sessions, cfg):
-            _, nlls = sess.run(algo, budget, params, forced, 0)
-            ppl = math.exp(sum(nlls) / len(nlls))
-            rows.append(dict(context=context, algorithm=algo, budget=budget, ppl=ppl))
-        log(
-            f"ppl ctx={context}: "
-            + ", ".join(
-                f"{r['algorithm']}@{r['budget']}={r['ppl']:.2f}"
-                for r in rows
-                if r["context"] == context
-            )
-        )
-    return rows
+def make_sessions(engine_dir, cfg: EvalConfig, max_requests: int) -> dict[int, EvalSession]:
+    """One session per page size, sized for the largest context's batch."""
+    page_sizes = {16} | {page_size_for(a) for a in cfg.algorithms}
+    steps = max(cfg.ppl_tokens, cfg.generate_tokens + 64)  # 64: the question's tokens, generous
+    max_tokens = max(cfg.contexts + cfg.ppl_contexts) + steps + 16
+    return {p: EvalSession(engine_dir, p, max_requests, max_tokens, cfg.device) for p in page_sizes}
 
 
 def evaluate(
     cfg: EvalConfig, engine_dir: Path, text_files=(None, None), log=print, save=lambda m: None
 ) -> dict:
     """text_files: (haystack, held-out) plain-text files, None = the KJV books through `bible`."""
-    params = SparseParams(
-        0, cfg.sink_tokens, cfg.window_tokens, cfg.dense_layers
-    )  # budget: per run
-    page_sizes = {16} | {page_size_for(a) for a in cfg.algorithms}
-    max_tokens = max(cfg.contexts + cfg.ppl_contexts) + 8
-    sessions = {p: EvalSession(engine_dir, p, max_tokens, cfg.device) for p in page_sizes}
+    params = SparseParams(0, cfg.sink_tokens, cfg.window_tokens, cfg.dense_layers)
+    ppl_only = [c for c in (cfg.ppl_contexts if cfg.ppl_tokens else []) if c not in cfg.contexts]
+    contexts = list(dict.fromkeys(cfg.contexts + ppl_only))  # in the given order
+    per_context = len(cfg.depths) * cfg.trials + cfg.ppl_windows
+    sessions = make_sessions(engine_dir, cfg, per_context)
     tok = sessions[16].engine.tokenizer
     t0 = time.time()
-    need = 2 * max(cfg.contexts + cfg.ppl_contexts)  # tokens: ~4 characters each
-    hay_ids = tok.encode(load_text(HAYSTACK_BOOKS, text_files[0])[: 8 * need])
-    held_ids = tok.encode(load_text(HELD_OUT_BOOKS, text_files[1])[: 8 * need])
-    passkey, agreement = eval_passkey(sessions, tok, hay_ids, cfg, params, log, save)
-    ppl = eval_perplexity(sessions, held_ids, cfg, params, log) if cfg.ppl_tokens else []
-    return dict(
-        passkey=passkey, agreement=agreement, perplexity=ppl, wall_s=round(time.time() - t0, 1)
-    )
+    chars = 8 * max(contexts) * max(2, cfg.ppl_windows)  # ~4 characters per token, doubled
+    hay_ids = tok.encode(load_text(HAYSTACK_BOOKS, text_files[0])[:chars])
+    held_ids = tok.encode(load_text(HELD_OUT_BOOKS, text_files[1])[:chars])
+    metrics = dict(passkey=[], agreement=[], perplexity=[], timing=[], context_s={})
+    for context in contexts:
+        t1 = time.time()
+        prompts = passkey_prompts(tok, hay_ids, context, cfg) if context in cfg.contexts else []
+        if cfg.ppl_tokens and context in cfg.ppl_contexts:
+            prompts += ppl_prompts(held_ids, context, cfg)
+        log(f"context {context}: {len(prompts)} prompts")
+        for k, v in context_rows(sessions, tok, prompts, cfg, params).items():
+            metrics[k] += v
+        metrics["context_s"][context] = round(time.time() - t1, 1)
+        log(f"context {context} done in {time.time() - t1:.0f}s: {brief(metrics, context)}")
+        save(metrics)
+    metrics["wall_s"] = round(time.time() - t0, 1)
+    return metrics
+
+
+def brief(metrics: dict, context: int) -> str:
+    """'algo@budget=accuracy' of one context's passkey rows."""
+    acc: dict = {}
+    for r in metrics["passkey"]:
+        if r["context"] == context:
+            acc.setdefault(f"{r['algorithm']}@{r['budget']}", []).append(r["correct"])
+    return " ".join(f"{k}={sum(v) / len(v):.2f}" for k, v in acc.items())
+
+
+def target_line(summary: dict, context: int = 8192, budget: int = 1024) -> str:
+    """The issue's target: quest and shadowkv keep >= 90% of dense's accuracy at 8K / 1024."""
+    ret = summary["passkey_retention_vs_dense"]
+    parts = []
+    for a in ("quest", "shadowkv"):
+        v = (ret.get(a, {}).get(context) or {}).get(budget)
+        parts.append(f"{a} {v:.2f}" if v is not None else f"{a} -")
+    return f"retention vs dense at {context}/{budget} (target >= 0.90): " + ", ".join(parts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,12 +305,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--contexts", type=ints, default=d.contexts)
     ap.add_argument("--depths", type=floats, default=d.depths)
+    ap.add_argument("--trials", type=int, default=d.trials, help="keys per (context, depth)")
     ap.add_argument("--budgets", type=ints, default=d.budgets)
     ap.add_argument("--algorithms", type=lambda s: s.split(","), default=d.algorithms)
-    ap.add_argument("--agreement-depths", type=floats, default=d.agreement_depths)
+    ap.add_argument("--answer-tokens", type=int, default=d.answer_tokens)
     ap.add_argument("--agreement-tokens", type=int, default=d.agreement_tokens)
     ap.add_argument("--ppl-contexts", type=ints, default=d.ppl_contexts)
     ap.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens)
+    ap.add_argument("--ppl-windows", type=int, default=d.ppl_windows)
     ap.add_argument("--sink-tokens", type=int, default=d.sink_tokens)
     ap.add_argument("--window-tokens", type=int, default=d.window_tokens)
     ap.add_argument("--dense-layers", type=int, default=d.dense_layers)
@@ -266,20 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name in a.algorithms:
         get_algorithm(name)  # unknown name: ValueError listing the known ones
-    cfg = EvalConfig(
-        contexts=a.contexts,
-        depths=a.depths,
-        budgets=a.budgets,
-        algorithms=a.algorithms,
-        agreement_depths=a.agreement_depths,
-        agreement_tokens=a.agreement_tokens,
-        ppl_contexts=a.ppl_contexts,
-        ppl_tokens=a.ppl_tokens,
-        sink_tokens=a.sink_tokens,
-        window_tokens=a.window_tokens,
-        seed=a.seed,
-        device=a.device,
-    )
+    cfg = EvalConfig(**{f.name: getattr(a, f.name) for f in fields(EvalConfig)})
     engine_dir = a.engine
     if engine_dir is None:
         from spinserve.engines.embedded import embedded_engine_dir
@@ -298,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics["summary"] = summarize(metrics, cfg.algorithms)
     json_path = write_results(a.out, asdict(cfg), metrics, engine_dir)
     print(f"wrote {json_path}")
+    print(format_table(metrics["summary"], cfg.algorithms, cfg.budgets))
+    print(target_line(metrics["summary"]))
     return 0
 
 

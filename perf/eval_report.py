@@ -19,15 +19,40 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _table(rows: list[dict], value) -> dict:
-    """rows -> {algorithm: {context: {budget: mean value}}} (dense under budget 0)."""
+def _table(rows: list[dict], value, reduce=_mean) -> dict:
+    """rows -> {algorithm: {context: {budget: reduced values}}} (dense under budget 0)."""
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
         acc[r["algorithm"]][r["context"]][r["budget"]].append(value(r))
     return {
-        a: {c: {b: _mean(v) for b, v in sorted(by_b.items())} for c, by_b in sorted(by_c.items())}
+        a: {c: {b: reduce(v) for b, v in sorted(by_b.items())} for c, by_b in sorted(by_c.items())}
         for a, by_c in acc.items()
     }
+
+
+def _get(table: dict, algorithm: str, context, budget):
+    """A cell of a _table, whether its keys are ints or (after JSON) strings."""
+    by_c = table.get(algorithm, {})
+    by_b = by_c.get(context, by_c.get(str(context), {}))
+    return by_b.get(budget, by_b.get(str(budget)))
+
+
+def format_table(summary: dict, algorithms: list[str], budgets: list[int]) -> str:
+    """Passkey accuracy (dense: its own) and perplexity per context, one line per algorithm."""
+    lines = []
+    for key, name, fmt in (
+        ("passkey_accuracy", "passkey", "{:6.2f}"),
+        ("perplexity", "ppl", "{:6.2f}"),
+    ):
+        table = summary[key]
+        contexts = sorted({int(c) for by_c in table.values() for c in by_c})
+        for c in contexts:
+            lines.append(f"{name} ctx {c:>5} " + " ".join(f"{b:>6}" for b in budgets))
+            for a in [DENSE] + algorithms:
+                cells = [_get(table, a, c, 0 if a == DENSE else b) for b in budgets]
+                text = [fmt.format(v) if v is not None else "     -" for v in cells]
+                lines.append(f"  {a:>14} " + " ".join(text))
+    return "\n".join(lines)
 
 
 def summarize(metrics: dict, algorithms: list[str]) -> dict:
@@ -42,6 +67,7 @@ def summarize(metrics: dict, algorithms: list[str]) -> dict:
     }
     return dict(
         passkey_accuracy=passkey,
+        passkey_prompts=_table(metrics["passkey"], lambda r: 1.0, sum),
         passkey_retention_vs_dense=retention,
         agreement_match_rate=_table(metrics["agreement"], lambda r: r["match_rate"]),
         agreement_first_divergence=_table(metrics["agreement"], lambda r: r["first_divergence"]),
@@ -105,7 +131,7 @@ def merge_results(paths: list[Path], out_dir: Path, measured_on: str | None = No
     records = [json.loads(Path(p).read_text()) for p in paths]
     metrics = {
         k: [r for rec in records for r in rec["metrics"].get(k, [])]
-        for k in ("passkey", "agreement", "perplexity")
+        for k in ("passkey", "agreement", "perplexity", "timing")
     }
     config = dict(records[0]["config"])
     for key in ("contexts", "ppl_contexts", "depths", "budgets", "algorithms"):
