@@ -290,7 +290,7 @@ class LLMEngine:
     def _decode(self, algorithm: str, reqs: list[Request]) -> dict[str, int]:
         if self.hierarchy and algorithm != DENSE:
             self._maybe_rebalance()  # before build_batch: its flush carries the new rows
-        items = [BatchItem(r.request_id, r.num_tokens - 1, [r.all_ids[-1]]) for r in reqs]
+        items = [BatchItem(r.request_id, r.num_tokens - 1, [r.last_token]) for r in reqs]
         batch = self.kv.build_batch(ForwardMode.DECODE, items, self.device)
         if algorithm != DENSE:
             default = self.settings.sparse.budget_tokens

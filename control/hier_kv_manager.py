@@ -363,12 +363,16 @@ class HierarchicalKVManager:
         self._dirty_rows.add(held.row)
 
     def _ages(self) -> np.ndarray:
-        """[num_hbm_slots] uint8 LRU ages as of the last launch (a sync-free snapshot on CUDA)."""
-        if self.device.type != "cuda":
-            return self.lru.ages().numpy()
-        if self._age_event is not None:
-            self._age_event.synchronize()  # enqueued before the previous launch: done by now
-        return self._age_host.numpy().copy()
+        """[num_hbm_slots] uint8 LRU ages as of the last launch (a sync-free snapshot on CUDA),
+        read once between two flushes (every trim of a step sorts by the same ages)."""
+        if self._ages_cache is None:
+            if self.device.type != "cuda":
+                self._ages_cache = self.lru.ages().numpy()
+            else:
+                if self._age_event is not None:
+                    self._age_event.synchronize()  # enqueued before the previous launch: done
+                self._ages_cache = self._age_host.numpy().copy()
+        return self._ages_cache
 
     # ---- device state -------------------------------------------------------------------------
     def _grow_caps(self, width: int, selected: int) -> None:
@@ -398,6 +402,7 @@ class HierarchicalKVManager:
             self.hierarchy.row_stats.copy_(old.row_stats)
         self._dirty_rows.clear()
         self._age_event: torch.cuda.Event | None = None
+        self._ages_cache: np.ndarray | None = None  # _ages() of the current step
         # [num_hbm_slots] uint8 pinned: LRU ages copied before each launch (CUDA only)
         cuda = self.device.type == "cuda"
         self._age_host = torch.zeros(self.hbm_slots.num_slots, dtype=torch.uint8, pin_memory=cuda)
@@ -409,6 +414,7 @@ class HierarchicalKVManager:
 
     def flush(self) -> None:
         """Push table and row changes to the device: call right before a launch."""
+        self._ages_cache = None  # the launch ages the slots
         self.dir.flush()
         if self._dirty_rows:
             self._upload_rows()

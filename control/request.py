@@ -21,7 +21,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: the scheduler's lists compare requests often
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -38,6 +38,10 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_tokens(self) -> int:

@@ -62,13 +62,17 @@ class Scheduler:
         return victim
 
     def _schedule_decode(self, out: SchedulerOutput) -> None:
+        preempted: set[str] = set()  # request ids preempted by this call
         for req in list(self.running):
-            if req.in_prefill or req not in self.running:
+            if req.in_prefill or req.request_id in preempted:
                 continue
-            while self.kv.extra_pages(req.request_id, req.num_tokens) > self.kv.free_pages:
-                if self._preempt_last(out) is req:
+            extra = self.kv.extra_pages(req.request_id, req.num_tokens)
+            while extra and extra > self.kv.free_pages:  # free_pages is not free to compute
+                victim = self._preempt_last(out)
+                preempted.add(victim.request_id)
+                if victim is req:
                     break
-            if req in self.running:
+            if req.request_id not in preempted:
                 self.kv.ensure(req.request_id, req.num_tokens)
                 out.decode.append(req)
 

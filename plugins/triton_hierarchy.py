@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover
     tl = None
 
-NUM_AGES = 256  # uint8 LRU epochs
+NUM_AGES = tl.constexpr(256) if tl is not None else 256  # uint8 LRU epochs (a kernel constant)
 
 
 def _resolve_kernel(
