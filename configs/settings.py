@@ -63,6 +63,11 @@ class CacheSettings(BaseModel):
         None, ge=16, description="pinned host KV pool in tokens; None = 2x the HBM pool"
     )
     buffer_ratio: float = Field(4.0, ge=0, description="HBM buffer pages per mandatory page")
+    fused_resolve: bool = Field(
+        False,
+        description="hierarchy lookups, victims and installs as one Triton kernel per layer "
+        "(CUDA) instead of torch ops",
+    )
 
     @field_validator("page_size")
     @classmethod

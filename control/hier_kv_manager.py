@@ -73,6 +73,7 @@ class HierarchyConfig:
     buffer_ratio: float = 4.0  # buffer = buffer_ratio x mandatory (initial)
     segment_pages: int = 16  # S of the page directory
     mandatory_hint: int = 1  # mandatory pages of the default budget: sizes the device buffers
+    fused_resolve: bool = False  # HierarchicalKV's fused Triton resolve (CUDA)
 
     @property
     def num_layer_heads(self) -> int:
@@ -395,7 +396,13 @@ class HierarchicalKVManager:
         tables = HierarchyTables(d.meta_gpu, d.dir_gpu, d.host_l2_gpu, self.row_slots_gpu)
         old = self.hierarchy
         self.hierarchy = HierarchicalKV(
-            layout, tables, self.lru, self.hbm_pool, self.host.pool_for_kernels, self._select_cap
+            layout,
+            tables,
+            self.lru,
+            self.hbm_pool,
+            self.host.pool_for_kernels,
+            self._select_cap,
+            fused=self.config.fused_resolve,
         )
         if old is not None:
             self.hierarchy.stats.copy_(old.stats)
@@ -584,5 +591,6 @@ def manager_for_runner(
         dense_layers=min(runner.sparse_params.dense_layers, cfg.num_layers),
         buffer_ratio=cache.buffer_ratio,
         mandatory_hint=mandatory_pages(runner.sparse_params, runner.sparse_params.budget_tokens, P),
+        fused_resolve=cache.fused_resolve and use_cuda,
     )
     return HierarchicalKVManager(config, runner.kv_pool, host, mandatory_of)

@@ -82,12 +82,13 @@ def test_other_budgets_and_algorithms_decode_eagerly(engine_dir):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hierarchy", [False, True])
-def test_sparse_cuda_graphs_equal_static_eager(engine_dir, hierarchy):
+@pytest.mark.parametrize(("hierarchy", "fused"), [(False, False), (True, False), (True, True)])
+def test_sparse_cuda_graphs_equal_static_eager(engine_dir, hierarchy, fused):
     """Captured sparse decode graphs (selection, hierarchy lookups, misses fetched, attention)
     replay to exactly the tokens of the same static path run eagerly; capture itself proves
-    the step has no host sync (capture fails on one)."""
+    the step has no host sync (capture fails on one). fused: the Triton resolve kernel."""
     kw = _settings("quest", 1, hierarchy) | {"cache.kv_cache_tokens": 8192}
+    kw["cache.fused_resolve"] = fused
     eager = LLMEngine.from_engine_dir(engine_dir, device="cuda", **kw, **{"engine.cuda_graphs": 0})
     eager.runner.static_decode(MAX_BATCH, eager.max_context, eager.sparse_graph_spec())
     expected, _, _ = _run(eager, _prompts())
