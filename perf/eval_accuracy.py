@@ -84,6 +84,7 @@ class Prompt:
     trial: int = 0
     key: int | None = None
     needle: tuple[int, int] = (0, 0)  # [first, end) token positions of the needle
+    generate: int = 0  # greedy tokens after the forced ones
 
 
 def load_text(books: str, text_file: Path | None) -> str:
@@ -141,7 +142,8 @@ def passkey_prompts(tok, hay_ids: list[int], context: int, cfg: EvalConfig) -> l
             prefill, question, needle = passkey_prompt(
                 tok, hay_ids, context, depth, key, cfg.generate_tokens, cfg.chat
             )
-            out.append(Prompt(context, prefill, question, depth, trial, key, needle))
+            p = Prompt(context, prefill, question, depth, trial, key, needle, cfg.generate_tokens)
+            out.append(p)
     return out
 
 
@@ -183,8 +185,8 @@ def decode_all(sessions, prompts: list[Prompt], cfg: EvalConfig, params: SparseP
             s.copy_context_from(sessions[16])
     context, batch = prompts[0].context, len(prompts)
     timing.append(dict(context=context, phase="prefill", batch=batch, s=_clock(cfg.device) - t0))
-    forced = [p.forced for p in prompts]
-    steps = max(len(f) for f in forced) + cfg.generate_tokens - 1
+    forced, generate = [p.forced for p in prompts], [p.generate for p in prompts]
+    steps = max(len(f) + g - 1 for f, g in zip(forced, generate))
     indexed = None
     for algo, budget in run_configs(cfg):
         sess = sessions[16 if algo == DENSE else page_size_for(algo)]
@@ -195,7 +197,7 @@ def decode_all(sessions, prompts: list[Prompt], cfg: EvalConfig, params: SparseP
             t1 = _clock(cfg.device)
             timing.append(dict(context=context, phase="index", algorithm=algo, s=t1 - t0))
             t0 = t1
-        gens, nlls = sess.run(budget, forced, cfg.generate_tokens)
+        gens, nlls = sess.run(budget, forced, generate)
         cell = dict(context=context, phase="decode", algorithm=algo, budget=budget, batch=batch)
         timing.append(cell | dict(steps=steps, s=_clock(cfg.device) - t0))
         yield algo, budget, gens, nlls
@@ -242,7 +244,7 @@ def agreement_row(cell: dict, out: list[int], ref: list[int]) -> dict:
 def make_sessions(engine_dir, cfg: EvalConfig, max_requests: int) -> dict[int, EvalSession]:
     """One session per page size, sized for the largest context's batch."""
     page_sizes = {16} | {page_size_for(a) for a in cfg.algorithms}
-    steps = max(cfg.ppl_tokens, cfg.generate_tokens + 64)  # 64: the question's tokens, generous
+    steps = max(cfg.ppl_tokens, cfg.generate_tokens + 64)  # 64: > the question's tokens
     max_tokens = max(cfg.contexts + cfg.ppl_contexts) + steps + 16
     return {p: EvalSession(engine_dir, p, max_requests, max_tokens, cfg.device) for p in page_sizes}
 

@@ -202,18 +202,20 @@ class EvalSession:
 
     @torch.inference_mode()
     def run(
-        self, budget_tokens: int, forced: list[list[int]], num_generate: int
+        self, budget_tokens: int, forced: list[list[int]], num_generate: int | list[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
         """From the indexed snapshot, feed each request b its forced[b] tokens as decode steps
-        (teacher forcing, whole batch per step), then greedily generate num_generate tokens.
-        Returns (generated ids [B][num_generate], NLL of each of forced[b][1:] given everything
-        before it)."""
+        (teacher forcing, whole batch per step), then greedily generate num_generate (one count,
+        or one per request) tokens; the batch steps until every request is done.
+        Returns (generated ids [B][num_generate[b]], NLL of each of forced[b][1:] given
+        everything before it)."""
         algorithm, planner = self._restore()
         B = len(self.context_lens)
+        gen = [num_generate] * B if isinstance(num_generate, int) else list(num_generate)
         lens = [len(f) for f in forced]
-        steps = max(lens) + num_generate - 1
-        if len(forced) != B or min(self.context_lens[b] + lens[b] for b in range(B)) < 1:
+        if len(forced) != B or len(gen) != B or min(lens) < 1:
             raise ValueError(f"forced tokens for {len(forced)} requests, the batch has {B}")
+        steps = max(n + g - 1 for n, g in zip(lens, gen))
         if max(self.context_lens) + steps >= self.max_tokens:
             raise ValueError(f"{steps} decode steps overflow the session's {self.max_tokens}")
         width = max(lens) + 1
@@ -226,14 +228,13 @@ class EvalSession:
             logits = self._step(planner, budget_tokens, pos, toks)  # [B, V] float32
             nxt = table[:, min(i + 1, width - 1)]
             forced_next = nxt >= 0
-            logp = torch.log_softmax(logits, -1)[b, nxt.clamp(min=0)]
+            nll.append(-torch.log_softmax(logits, -1)[b, nxt.clamp(min=0)])
             greedy = logits.argmax(-1)
             toks = torch.where(forced_next, nxt, greedy)
-            nll.append(-logp)
             out.append(torch.where(forced_next, -1, greedy))
             pos = pos + 1
         nll_rows = torch.stack(nll, 1).tolist() if nll else [[] for _ in range(B)]
         out_rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
         nlls = [row[: lens[r] - 1] for r, row in enumerate(nll_rows)]
-        gens = [[t for t in row if t >= 0][:num_generate] for row in out_rows]
+        gens = [[t for t in row if t >= 0][: gen[r]] for r, row in enumerate(out_rows)]
         return gens, nlls

@@ -100,6 +100,8 @@ def test_tiny_grid_full_budget_reproduces_dense(engine_dir, tmp_path):
     assert s["passkey_prompts"]["quest"][320][32] == 4
     decode = [t for t in m["timing"] if t["phase"] == "decode"]
     assert len(decode) == configs and all(t["batch"] == 6 and t["s"] > 0 for t in decode)
+    steps = max(len(make_tokenizer().encode(QUESTION)) + 10 - 1, 12)  # passkey / ppl windows
+    assert {t["steps"] for t in decode} == {steps}
 
 
 def test_cli_writes_record_and_table(engine_dir, tmp_path, capsys):

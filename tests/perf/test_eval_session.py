@@ -74,6 +74,8 @@ def test_batched_equals_one_by_one(sessions):
         gens, nlls = run(s, algorithm, budget, forced, 6)
         assert [len(g) for g in gens] == [6, 6, 6]
         assert [len(n) for n in nlls] == [len(f) - 1 for f in forced]
+        g2, n2 = s.run(budget, forced, [0, 2, 6])  # per-request counts
+        assert g2 == [[], gens[1][:2], gens[2]] and n2 == nlls
         for b in range(3):
             s.prefill([prompts[b]])
             g1, n1 = run(s, algorithm, budget, [forced[b]], 6)
