@@ -64,9 +64,9 @@ class CacheSettings(BaseModel):
     )
     buffer_ratio: float = Field(4.0, ge=0, description="HBM buffer pages per mandatory page")
     fused_resolve: bool = Field(
-        False,
+        True,
         description="hierarchy lookups, victims and installs as one Triton kernel per layer "
-        "(CUDA) instead of torch ops",
+        "on CUDA (False: torch ops; the CPU always uses those)",
     )
 
     @field_validator("page_size")

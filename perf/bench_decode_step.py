@@ -64,6 +64,7 @@ from spinserve.runtime.model import LlamaModel
 
 DEV, BF16 = "cuda", torch.bfloat16
 ITERS = {"graph": 15, "eager": 5}  # timed calls per measurement (3 untimed first)
+RESOLVE = "fused"  # the engine default on CUDA (cache.fused_resolve); "torch" on the CPU smoke
 SMOKE_ITERS = {"graph": 1, "eager": 1}
 
 
@@ -273,11 +274,13 @@ def run_batch256(cfg, model, shape: Shape, fl, steps: int) -> dict:
     """(i) the GPU step at batch 256 (engine's resolve, no forced misses), (ii) the CPU time
     between two launches, and their ratio."""
     host = make_host_pool(cfg, shape, None, DEV)
-    step = run_hierarchy(cfg, model, shape, fl, host, [0.0], ["torch"])
+    path = RESOLVE if DEV == "cuda" else "torch"
+    step = run_hierarchy(cfg, model, shape, fl, host, [0.0], [path])
+    step["resolve"] = path
     host.close()
     _free()
     control = decode_step_control.measure(cfg, shape, DEV, steps)
-    gpu_ms = step["rows"][0]["graph_ms"]
+    gpu_ms = (step.get("rows") or step["fused_resolve_rows"])[0]["graph_ms"]
     return {
         "step": step,
         "control_plane": control,
@@ -294,8 +297,9 @@ def table(metrics: dict, shape256: Shape) -> str:
         cells = f"{r['graph_ms']:>10.2f}{r['eager_ms']:>10.2f}{r['floor_ms']:>10.2f}"
         lines.append(f"{name:<34}{cells}{r['graph_over_floor']:>9.2f}")
 
-    add("(a) sparse, resident", metrics["a_resident"])
-    add("(c) dense", metrics["c_dense"])
+    if "a_resident" in metrics:
+        add("(a) sparse, resident", metrics["a_resident"])
+        add("(c) dense", metrics["c_dense"])
     b = metrics.get("b_hierarchy", {})
     for key in ("rows", "fused_resolve_rows"):
         for r in b.get(key, []):
@@ -303,7 +307,8 @@ def table(metrics: dict, shape256: Shape) -> str:
             add(f"(b) {tag} f={r['forced_fraction']} miss={r['graph_miss_rate']:.3f}", r)
     if "batch256" in metrics:
         m = metrics["batch256"]
-        add(f"(i) batch {shape256.batch} x {shape256.context}, hier.", m["step"]["rows"][0])
+        row = (m["step"].get("rows") or m["step"]["fused_resolve_rows"])[0]
+        add(f"(i) batch {shape256.batch} x {shape256.context}, hier.", row)
         cp = m["control_plane"]["step_ms"]
         lines.append(
             f"(ii) control plane per step: median {cp['median_ms']:.2f} ms, mean "
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fractions", default="0,0.02,0.1,0.3")
     ap.add_argument("--control-steps", type=int, default=100)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: logic only")
+    ap.add_argument("--parts", default="abc,256", help="abc (batch 32 x 32K) and/or 256")
     args = ap.parse_args(argv)
     global DEV
     DEV = "cpu" if args.smoke else "cuda"
@@ -352,20 +358,23 @@ def main(argv: list[str] | None = None) -> dict:
         rec = record("decode_step", config, metrics, floor=floor, targets=targets, **extra)
         return rec, write_record(rec, args.out, args.name)
 
-    res, pool = run_resident(cfg, model, s32, fl)
-    print(res, flush=True)
-    save(res, "a and c only")
-    region = cfg.num_layers * cfg.num_kv_heads * s32.pages
-    host = make_host_pool(cfg, s32, pool[1 : 1 + region], DEV)
-    del pool
-    _free()
-    fractions = [float(x) for x in args.fractions.split(",")]
-    paths = ["torch", "fused"] if DEV == "cuda" else ["torch"]
-    res["b_hierarchy"] = run_hierarchy(cfg, model, s32, fl, host, fractions, paths)
-    host.close()
-    _free()
-    save(res, "a, b and c only")
-    res["batch256"] = run_batch256(cfg, model, shapes["256"], fl, args.control_steps)
+    res = {}
+    if "abc" in args.parts:
+        res, pool = run_resident(cfg, model, s32, fl)
+        print(res, flush=True)
+        save(res, "a and c only")
+        region = cfg.num_layers * cfg.num_kv_heads * s32.pages
+        host = make_host_pool(cfg, s32, pool[1 : 1 + region], DEV)
+        del pool
+        _free()
+        fractions = [float(x) for x in args.fractions.split(",")]
+        paths = ["torch", "fused"] if DEV == "cuda" else ["torch"]
+        res["b_hierarchy"] = run_hierarchy(cfg, model, s32, fl, host, fractions, paths)
+        host.close()
+        _free()
+        save(res, "a, b and c only")
+    if "256" in args.parts:
+        res["batch256"] = run_batch256(cfg, model, shapes["256"], fl, args.control_steps)
     rec, path = save(res)
     print(path)
     print(table(res, shapes["256"]), flush=True)

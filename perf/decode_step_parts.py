@@ -56,7 +56,7 @@ class Shape:
 
 
 # "32k": (a), (b), (c); "256": batch256's (i) and (ii) (budget = context / 16, as 2048 of 32K)
-SHAPES = {"32k": Shape(32, 32768 - 8, 2048, 4.0), "256": Shape(256, 8192 - 8, 512, 1.0)}
+SHAPES = {"32k": Shape(32, 32768 - 8, 2048, 4.0), "256": Shape(256, 4096 - 8, 256, 1.0)}
 SMOKE_SHAPES = {"32k": Shape(2, 2048 - 8, 256, 4.0), "256": Shape(8, 512 - 8, 64, 1.0)}
 
 

@@ -25,8 +25,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 @pytest.fixture(params=["torch", "fused"])
 def fused(request, monkeypatch) -> bool:
     """Both resolve paths: torch ops, and the fused resolve_pages kernel (on CPU through
-    Triton's interpreter)."""
-    if request.param == "fused":
+    Triton's interpreter; compiled on CUDA: the interpreter patches triton.language for the
+    whole process, which breaks later compiled kernels)."""
+    on_cpu = request.node.callspec.params.get("device", "cpu") == "cpu"
+    if request.param == "fused" and on_cpu:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     return request.param == "fused"
 
