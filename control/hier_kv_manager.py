@@ -97,6 +97,8 @@ class _Held:
     hierarchical: bool = False
     rows: np.ndarray | None = None  # [LHs, w] HBM slots of the sparse rows (unordered)
     tail: np.ndarray | None = None  # [LH] HBM slots of the tail page
+    columns: np.ndarray | None = None  # [n, c] cached HBM slots of the first c (layer, head)
+    # columns of its first n pages, c <= the dense layers' columns (those pages never move)
     seen: tuple[int, int] | None = None  # (lookups, hits) of its row at the last rebalance
     prev: tuple[int, float] = (-1, float("nan"))  # (buffer, hit rate) at the last rebalance
 
@@ -351,12 +353,17 @@ class HierarchicalKVManager:
         rows = held.rows
         k = rows.shape[1] - width
         if k > 0:
-            if by_age:
-                order = np.argsort(-self._ages()[rows].astype(np.int64), axis=1, kind="stable")
-            else:
-                order = np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
             drop = np.zeros(rows.shape, bool)
-            np.put_along_axis(drop, order[:, :k], True, axis=1)
+            if by_age and k == 1:  # a new tail joined: the oldest per row (first of equals)
+                oldest = np.argmax(self._ages()[rows], axis=1)
+                drop[np.arange(rows.shape[0]), oldest] = True
+            else:
+                if by_age:
+                    ages = -self._ages()[rows].astype(np.int64)
+                    order = np.argsort(ages, axis=1, kind="stable")
+                else:
+                    order = np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
+                np.put_along_axis(drop, order[:, :k], True, axis=1)
             self.dir.disown_hbm(held.row, rows[drop])
             held.rows = rows[~drop].reshape(rows.shape[0], width)
         self.row_slots_cpu[held.row] = PAD
@@ -507,9 +514,31 @@ class HierarchicalKVManager:
         out = np.zeros((L, len(request_ids), KV, n_max), np.int32)
         for b, r in enumerate(request_ids):
             n = self._held[r].num_pages
-            slots = self._resident(self._held[r], np.arange(n), L * KV)
+            slots = self._columns(self._held[r], L * KV)
             out[:, b, :, :n] = slots.T.reshape(L, KV, n)
         return out
+
+    def _columns(self, held: _Held, columns: int) -> np.ndarray:
+        """[num_pages, columns] HBM slots (_resident); the dense layers' columns are cached per
+        request and extended by the pages added since (every step reads them)."""
+        if columns > self.lh0:
+            return self._resident(held, np.arange(held.num_pages), columns)
+        cache = held.columns
+        if cache is None or cache.shape[1] != columns:
+            cache = np.zeros((0, columns), np.int32)
+        if cache.shape[0] < held.num_pages:
+            new = self._resident(held, np.arange(cache.shape[0], held.num_pages), columns)
+            cache = held.columns = np.concatenate([cache, new])
+        return cache[: held.num_pages]
+
+    def _decode_slots(self, held: _Held, pages: np.ndarray) -> np.ndarray:
+        """[n, LH] HBM slots of pages a batch appends to or lists densely: a hierarchical
+        request's are its tail page's (held.tail), anything else goes through _resident."""
+        if held.hierarchical and pages.size == 1 and pages[0] == held.num_pages - 1:
+            if (held.tail == NONE).any():
+                raise AssertionError("a hierarchical request's tail page has no HBM slots")
+            return held.tail[None, :]
+        return self._resident(held, pages)
 
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
         """Tables -> ForwardBatch (pages ensured), then flush. Hierarchical requests list only
@@ -522,8 +551,8 @@ class HierarchicalKVManager:
             self.num_kv_heads,
             self.page_size,
             device,
-            slots_of=lambda rid, pages: self._resident(self._held[rid], pages).T,
-            range_of=lambda rid, a, b: self._resident(self._held[rid], np.arange(a, b)).T,
+            slots_of=lambda rid, pages: self._decode_slots(self._held[rid], pages).T,
+            range_of=lambda rid, a, b: self._decode_slots(self._held[rid], np.arange(a, b)).T,
             first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
         )
 
