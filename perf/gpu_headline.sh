@@ -7,7 +7,8 @@
 #
 #   bash perf/gpu_headline.sh a     SmolLM2-135M (embedded GGUF) on KJV text, LongGenBench-like
 #                                   prompts fitted to 8K - A_OUT, A_OUT output tokens, 48 requests;
-#                                   KV pool 32768 tokens = 4 x 8K (720 MiB): dense holds 4 requests
+#                                   KV pool 32768 tokens = 4 x 8K (720 MiB): dense holds 4 requests;
+#                                   spin: quest 1024 with a 1x HBM buffer (hit_rate_smollm2_cpu.json)
 #   bash perf/gpu_headline.sh b     Llama-3.1-8B-shaped random engine, 12 requests of 31744 + 1024
 #                                   tokens (32K context), text-rank prompt ids; KV pool 131072
 #                                   tokens = 16 GiB: dense holds 4; spin host pool 12 x 32K = 48 GiB
@@ -102,7 +103,8 @@ part_a() {
   local dense_env=(SPIN_ENGINE__MAX_CONTEXT="$ctx")
   local spin_env=(SPIN_ENGINE__MAX_CONTEXT="$ctx" SPIN_ENGINE__MAX_RUNNING_REQUESTS="$n"
     SPIN_SPARSE__ALGORITHM=quest SPIN_SPARSE__BUDGET_TOKENS="${HEADLINE_A_BUDGET:-1024}"
-    SPIN_CACHE__HIERARCHY=true SPIN_CACHE__HOST_POOL_TOKENS=$((n * ctx)))
+    SPIN_CACHE__HIERARCHY=true SPIN_CACHE__HOST_POOL_TOKENS=$((n * ctx))
+    SPIN_CACHE__BUFFER_RATIO="${HEADLINE_A_BUFFER:-1}")  # 1x: hit rate 0.96 at 8K on KJV (CPU)
   bench "$name-dense" dense_env "${common[@]}"
   bench "$name-spin" spin_env "${common[@]}"
   headline "$name"
