@@ -71,8 +71,8 @@ class MissForcingPlanner(SparsePlanner):
         self.hier: HierarchicalKV | None = None
         self.force = torch.zeros(1, device=self.states[0].buffers.device)  # [1] float32
 
-    def select_static(self, layer, query, keys, seq_lens, cand, budget_tokens):
-        sel, rows = super().select_static(layer, query, keys, seq_lens, cand, budget_tokens)
+    def select_static(self, layer, query, keys, cand, budget_tokens):
+        sel, rows = super().select_static(layer, query, keys, cand, budget_tokens)
         if self.hier is not None and not self.is_dense_layer(layer):
             self._evict(layer, sel, rows, cand)
         return sel, rows

@@ -45,7 +45,7 @@ def _static_plan(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The capturable plan (static shapes): sparse layers resolve through the hierarchy when
     there is one, everything else maps through sp.page_table [L', B, KV, max_pages]."""
-    sel, rows = planner.select_static(layer, q, k, sp.seq_lens, cand, sp.uniform_budget)
+    sel, rows = planner.select_static(layer, q, k, cand, sp.uniform_budget)
     if sp.hierarchy is not None and not planner.is_dense_layer(layer):
         slots = sp.hierarchy.resolve(layer, sp.req_slots, sel.kv_indptr, sel.page_ids)
     else:

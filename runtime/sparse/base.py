@@ -273,6 +273,11 @@ class SparseAlgorithm(ABC):
         positions % P == P - 1)."""
         return None
 
+    def index_decode_static(self, state: SparseState, keys: torch.Tensor, cand: Candidates):
+        """index_decode on the capturable path (buffers reserved: no growth); algorithms may
+        use the step's precomputed addressing in `cand` (tail_rows, fresh)."""
+        self.index_decode(state, cand.index_rows, keys, cand.positions)
+
     def release(self, state: SparseState, req_slot: int) -> None:
         """The request slot is free again (optional: index_prefill overwrites anyway)."""
         if state.buffers is not None:

@@ -85,15 +85,14 @@ class SparsePlanner:
         layer: int,
         query: torch.Tensor,  # [B, Hq, D] post-RoPE
         keys: torch.Tensor,  # [B, KV, D] the new tokens' keys (already appended)
-        seq_lens: torch.Tensor,  # [B] int64
-        cand: Candidates,
+        cand: Candidates,  # the step's candidates (lengths, positions, index rows)
         budget_tokens: int,
     ) -> tuple[PageSelection, torch.Tensor]:
         """select_logical with static shapes (capturable): (selection, [cap] row of each entry)."""
         if self.is_dense_layer(layer):
             return every_page(cand)
         state = self.states[layer]
-        self.algo.index_decode(state, cand.index_rows, keys, seq_lens - 1)
+        self.algo.index_decode_static(state, keys, cand)
         return select_static(self.algo, state, query, cand, budget_tokens)
 
     def index_prefill(

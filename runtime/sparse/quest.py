@@ -83,6 +83,12 @@ class QuestAlgorithm(SparseAlgorithm):
         ub = ub + torch.einsum("bkgd,bknd->bkgn", q.clamp(max=0), kmin)
         return ub.reshape(B, Hq, n) * self.sm_scale
 
+    def index_decode_static(self, state: SparseState, keys: torch.Tensor, cand) -> None:
+        buf, D = state.buffers, self.head_dim
+        rows = cand.tail_rows(buf.capacity)  # shared by every layer of the step
+        kmin, kmax = buf["kmin"].view(-1, D), buf["kmax"].view(-1, D)
+        ops.fold_page_minmax(kmin, kmax, rows, cand.fresh, keys.contiguous())
+
     def candidate_scores(self, state: SparseState, query: torch.Tensor, cand) -> torch.Tensor:
         """The same upper bound (group max, unscaled) from plugins score_pages: capturable."""
         buf, D = state.buffers, self.head_dim

@@ -34,10 +34,25 @@ class Candidates:
     page: torch.Tensor  # [R * M] int64, logical page of each position (0 past the end)
     last_len: torch.Tensor  # [R] int32, valid tokens of each row's tail page
     index_rows: torch.Tensor  # [B] int64, rows of the algorithm's per-page buffers
+    positions: torch.Tensor  # [B] int64, position of each request's new token
+    fresh: torch.Tensor  # [B] bool, the new token opens its page
     num_kv_heads: int
+    page_size: int
     max_pages: int  # M
-    # table_rows by capacity: computed once per step, shared by every layer
+    # table_rows / tail_rows by capacity: computed once per step, shared by every layer
     _rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    _tail_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def tail_rows(self, capacity: int) -> torch.Tensor:
+        """[B * KV] int32 row of each (request, kv head)'s new-token page in per-page buffers
+        [rows, KV, capacity, *] flattened (the decode index update writes there)."""
+        if capacity not in self._tail_rows:
+            KV = self.num_kv_heads
+            heads = torch.arange(KV, device=self.positions.device)
+            page = (self.positions // self.page_size)[:, None]
+            rows = (self.index_rows[:, None] * KV + heads) * capacity + page
+            self._tail_rows[capacity] = rows.reshape(-1).to(torch.int32)
+        return self._tail_rows[capacity]
 
     def table_rows(self, capacity: int) -> torch.Tensor:
         """[R * M] int32 row of each candidate in per-page buffers [rows, KV, capacity, *]
@@ -67,13 +82,17 @@ def candidates(
     page = (pos - indptr[row]).clamp(0, M - 1)
     page = torch.where(pos < indptr[-1], page, torch.zeros_like(page))
     last = seq_lens.long() - (num_pages_of(seq_lens.long(), page_size) - 1) * page_size
+    positions = seq_lens.long() - 1
     return Candidates(
         indptr.to(torch.int32),
         row,
         page,
         last.repeat_interleave(KV).to(torch.int32),
         index_rows.long(),
+        positions,
+        positions % page_size == 0,
         KV,
+        page_size,
         M,
     )
 
