@@ -153,6 +153,7 @@ class PageDirectory:
         self.slot_entry_gpu = self.meta_gpu[self.rev_offset : self.spare]
         self._dirty: list[np.ndarray] = []  # meta indices changed since the last flush
         self._moved: list[np.ndarray] = []  # HBM slots re-pointed or taken back since then
+        self._handed: list[np.ndarray] = []  # hand_over slots the next flush forgets
         # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
         self._staging = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
         self._staging_events: list[torch.cuda.Event | None] = [None, None]
@@ -241,6 +242,7 @@ class PageDirectory:
         self.hbm_owner[hbm] = NONE
         self.slot_entry_cpu[hbm] = NONE
         self.hbm_slots.free(hbm)
+        self._cancel_handed(hbm)
         self._moved.append(hbm)
         self._dirty.append(self.rev_offset + hbm.astype(np.int64))
         row[:] = NONE
@@ -274,6 +276,7 @@ class PageDirectory:
         self._dirty += [entries, self.rev_offset + slots]
         self.hbm_owner[slots] = NONE
         self.hbm_slots.free(slots)
+        self._cancel_handed(slots)
         self._moved.append(slots)
 
     def hand_over(self, slots: np.ndarray) -> None:
@@ -286,7 +289,21 @@ class PageDirectory:
         s = np.asarray(slots, dtype=np.int64).ravel()
         if ((s < 0) | (s >= self.hbm_owner.size)).any() or (self.hbm_owner[s] == NONE).any():
             raise ValueError("hand_over: slot out of range or owned by no request")
-        self.flush()
+        pending = np.concatenate(self._moved) if self._moved else np.zeros(0, np.int64)
+        if np.isin(s, pending).any():  # their entries are not on the device yet: push now
+            self.flush()
+            self._forget(s)
+        else:  # deferred to the next flush (one per step): same result, no extra upload
+            self._handed.append(s)
+
+    def _cancel_handed(self, freed: np.ndarray) -> None:
+        """Freed slots leave the deferred hand-overs (a new owner's entries are not theirs)."""
+        if self._handed:
+            self._handed = [h[~np.isin(h, freed)] for h in self._handed]
+
+    def _forget(self, slots: np.ndarray) -> None:
+        """The CPU-side half of hand_over, for the slots still owned."""
+        s = slots[self.hbm_owner[slots] != NONE]
         entries = self.slot_entry_cpu[s]
         self.meta_cpu[entries[entries != NONE]] = NONE
         self.slot_entry_cpu[s] = NONE
@@ -360,13 +377,17 @@ class PageDirectory:
         idx = np.concatenate(self._dirty).astype(np.int32) if self._dirty else empty
         moved = np.concatenate(self._moved).astype(np.int32) if self._moved else empty
         self._dirty, self._moved = [], []
+        values = self.meta_cpu[idx]  # read before the deferred hand-overs forget entries:
+        for slots in self._handed:  # the device gets the state they were handed over in
+            self._forget(slots)
+        self._handed = []
         n, f = idx.size, moved.size
         if n + f == 0:
             return 0
         staging = self._staging_buffer(2 * n + f)
         host = staging.numpy()
         host[:n] = idx
-        host[n : 2 * n] = self.meta_cpu[idx]
+        host[n : 2 * n] = values
         host[2 * n : 2 * n + f] = moved
         upload = staging[: 2 * n + f].to(self.device, non_blocking=True)
         if self.device.type == "cuda":

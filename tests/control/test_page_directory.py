@@ -381,3 +381,31 @@ def test_cuda_tables_mirror_and_mapped_host_table():
     np.testing.assert_array_equal(d.meta_gpu.cpu().numpy(), d.meta_cpu)
     d.check_integrity(on_device=True)
     d.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hand_over_of_flushed_slots_waits_for_the_next_flush(device):
+    """Slots whose entries the device already has are handed over at the next flush (no extra
+    upload); a slot freed and re-owned in between keeps its new owner's entry."""
+    d = _make(device=device)
+    d.admit(0)
+    d.admit(1)
+    d.grow([0, 1], [3, 2])
+    slots = d.own_hbm(0, 6).reshape(3, 2)
+    d.set_hbm([0, 0, 0], [0, 1, 2], slots)
+    d.flush()
+    flushes = d._flushes
+    d.hand_over(slots[:2].ravel())  # pages 0 and 1
+    assert d._flushes == flushes  # deferred: no upload
+    assert d.hbm_entries(0, [0]).tolist() == [slots[0].tolist()]  # the CPU still knows them
+    d.disown_hbm(0, slots[1])  # page 1's slots go back ...
+    again = d.own_hbm(1, 2)  # ... and may serve another request's page at once
+    assert sorted(again.tolist()) == sorted(slots[1].tolist())
+    d.set_hbm([1], [0], again[None])
+    d.flush()
+    assert d.hbm_entries(0, [0, 1]).tolist() == [[NONE, NONE]] * 2  # forgotten / disowned
+    assert d.hbm_entries(1, [0]).tolist() == [again.tolist()]  # the new owner's, intact
+    assert d.hbm_entries(0, [2]).tolist() == [slots[2].tolist()]
+    meta = d.meta_gpu.cpu().numpy()
+    assert meta[_entry(d, 0, 0, 0)] == slots[0, 0]  # the device keeps the handed-over page
+    d.check_integrity(on_device=True)
