@@ -163,7 +163,9 @@ def select_pages_torch(
         (j[None, :] < num_sink_pages) | (j[None, :] >= counts[:, None] - num_window_pages)
     )
     dense = dense.masked_fill(static, float("inf"))
-    top_val, top_j = dense.topk(C, dim=1)
+    # a stable descending sort, not topk: equal scores go to the lower page (as the kernel)
+    top_val, top_j = dense.sort(dim=1, descending=True, stable=True)
+    top_val, top_j = top_val[:, :C], top_j[:, :C]
     taken = top_val > float("-inf")
     top_j = torch.where(taken, top_j, torch.full_like(top_j, M)).sort(dim=1).values
     sel_count = counts.clamp(max=C)  # [R]
