@@ -1,5 +1,6 @@
-"""Selection cost per decode step: each sparse algorithm's Index update + Select (runtime/sparse,
-torch implementation) against the rest of a decode layer, on a real-shape layer with random
+"""Selection cost per decode step: each sparse algorithm's Index update + Select (runtime/sparse:
+the eager torch path, and for capturable algorithms the engine's static path replayed as a CUDA
+graph) against the rest of a decode layer, on a real-shape layer with random
 weights (default: Llama-3.1-8B attention/MLP shapes, batch 32, 32K context, budget 2048).
 
 Per layer it times, with CUDA events (median of --iters): index_decode + select (+ to_slots),
@@ -19,6 +20,7 @@ import torch
 
 from spinserve.plugins import ops
 from spinserve.runtime.sparse import SparseParams, create_algorithm
+from spinserve.runtime.sparse.static_select import candidates, select_static
 
 from .eval_report import device_name, git_sha
 
@@ -70,7 +72,7 @@ def bench_algorithm(name: str, a, dev, dtype, iters: int) -> dict:
     B, KV, Hq, D, L = a.batch, a.kv_heads, a.heads, a.head_dim, a.context
     n = -(-L // P)
     params = SparseParams(a.budget, a.sink_tokens, a.window_tokens)
-    algo = create_algorithm(name, P, KV, D, params)
+    algo = create_algorithm(name, P, KV, D, params, index_dtype=dtype)  # as the engine
     state = algo.new_state(B, dev)
     g = torch.Generator(device=dev).manual_seed(0)
     for b in range(B):  # index a random context per request
@@ -89,6 +91,7 @@ def bench_algorithm(name: str, a, dev, dtype, iters: int) -> dict:
         return sel, sel.to_slots(table)
 
     sel, kv_slots = select()
+    static = static_select_ms(algo, state, q, k, lens, slots, table, a.budget, iters)
     dense_indptr = torch.arange(0, B * KV * n + 1, n, device=dev, dtype=torch.int32)
     dense_slots = table.flatten().to(torch.int32)
     last = sel.kv_last_page_len
@@ -106,7 +109,34 @@ def bench_algorithm(name: str, a, dev, dtype, iters: int) -> dict:
             lambda: ops.paged_decode_attention(q, pool, dense_indptr, dense_slots, last, scale),
             iters,
         ),
+        **static,
     )
+
+
+def static_select_ms(algo, state, q, k, lens, slots, table, budget: int, iters: int) -> dict:
+    """The engine's capturable path (runtime/sparse/static_select.py: the step's candidates,
+    the index update, plugins score_pages + select_pages, slot lookup), replayed as a CUDA
+    graph as the engine's sparse decode graphs run it; {} for algorithms without it."""
+    if not algo.capturable:
+        return {}
+    n = table.shape[-1]
+    algo.reserve(state, n)
+
+    def run():
+        cand = candidates(lens, slots, algo.num_kv_heads, algo.page_size, n)
+        algo.index_decode_static(state, k, cand)
+        sel, rows = select_static(algo, state, q, cand, budget)
+        return table.view(-1, n)[rows, sel.page_ids.long()]
+
+    fn = run
+    if q.is_cuda:
+        run()  # compile / autotune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        fn = graph.replay
+    return {"static_select_ms": timed(fn, iters), "static_select_graph": q.is_cuda}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_algorithm(name, a, dev, dtype, a.iters)
         layer = r["select_ms"] + r["sparse_attention_ms"] + gemm_ms
         r.update(gemm_ms=gemm_ms, select_share_of_layer=r["select_ms"] / layer)
+        if "static_select_ms" in r:  # the engine's graph path
+            layer = r["static_select_ms"] + r["sparse_attention_ms"] + gemm_ms
+            r["static_select_share_of_layer"] = r["static_select_ms"] / layer
         rows.append(r)
         print(json.dumps(r), flush=True)
     record = dict(
