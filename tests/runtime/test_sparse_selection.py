@@ -170,3 +170,25 @@ def test_retroinfer_decode_pages_join_clusters():
         )
         torch.testing.assert_close(state.buffers["csum"][0, h], sums, atol=1e-4, rtol=1e-5)
         assert int(state.num_clusters[0, h]) == int((cpages[h] > 0).sum())
+
+
+def test_shadowkv_group_ranks_by_each_heads_softmax():
+    """A GQA group of 2 heads, budget 1 chunk: head 0 has large logits everywhere (its best
+    chunk Y only 2 above the rest), head 1 points sharply at chunk X with small logits. Raw
+    logits would pick Y (102 > 20); per-head probabilities pick X (~1 vs ~0.2)."""
+    from spinserve.runtime.sparse.shadowkv import ShadowKVAlgorithm
+
+    P, n, X, Y, dim = 8, 30, 10, 20, 8
+    params = SparseParams(budget_tokens=P, sink_tokens=P, window_tokens=P)
+    algo = ShadowKVAlgorithm(P, 1, dim, params, outlier_tokens=0)
+    e0, e1 = torch.eye(dim)[0], torch.eye(dim)[1]
+    chunk_keys = e0.repeat(n, 1)
+    chunk_keys[Y] *= 1.02
+    chunk_keys[X] += e1
+    keys = chunk_keys.repeat_interleave(P, 0)[:, None, :]  # [n * P, 1, dim], equal in a chunk
+    state = algo.new_state(1, "cpu")
+    algo.index_prefill(state, 0, keys)
+    q = torch.stack([100 * e0, 20 * e1])[None] / algo.sm_scale  # [1, 2, dim]
+    sel = algo.select(state, q, torch.tensor([0]), torch.tensor([n * P]))
+    ids = sel.page_ids.tolist()
+    assert ids[0] == 0 and ids[1] == X and Y not in ids and min(ids[2:]) >= n - 2  # sink, X, window
