@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 5's accuracy grid in ONE device run, NOT YET RUN; estimated 5-6 min on the H100 (3 x 17
-# batched passes of 76 decode steps at ~60-70 ms, the old B=1 step time, + ~1 min of engine build,
-# prefill and indexing): SmolLM2 passkey at 8K/4K/2K, depths 0..100% in 10% steps,
+# Issue 5's accuracy grid in ONE device run (442 s on the H100 at af568db:
+# perf/results/eval_accuracy_20261123T031230.json): SmolLM2 passkey at 8K/4K/2K, depths 0..100%
+# in 10% steps,
 # 3 keys per (context, depth), budgets 256/512/1024/2048, dense + streaming, quest, shadowkv,
 # retroinfer; greedy agreement with dense over 64 tokens on every passkey prompt; perplexity on
 # 3 held-out windows (Luke, Acts) per context. Per context every prompt is prefilled once and
