@@ -97,6 +97,7 @@ class _Held:
     hierarchical: bool = False
     rows: np.ndarray | None = None  # [LHs, w] HBM slots of the sparse rows (unordered)
     tail: np.ndarray | None = None  # [LH] HBM slots of the tail page
+    reclaimable: int = 0  # buffer pages per row above mandatory (HBM a shrink would return)
     columns: np.ndarray | None = None  # [n, c] cached HBM slots of the first c (layer, head)
     # columns of its first n pages, c <= the dense layers' columns (those pages never move)
     seen: tuple[int, int] | None = None  # (lookups, hits) of its row at the last rebalance
@@ -130,6 +131,7 @@ class HierarchicalKVManager:
             buffer_ratio=c.buffer_ratio, max_buffer_ratio=max(8.0, c.buffer_ratio)
         )
         self._held: dict[str, _Held] = {}
+        self._reclaimable = 0  # _reclaimable_slots()
         self._free_rows = list(range(c.max_requests - 1, -1, -1))
         self._dirty_rows: set[int] = set()
         self._width_cap, self._select_cap = 0, 0
@@ -211,6 +213,7 @@ class HierarchicalKVManager:
         held = self._held.pop(request_id, None)
         if held is None:
             return
+        self._set_reclaimable(held, 0)
         freed = self.dir.release(held.row)
         self.lru.mark_empty(torch.from_numpy(freed).to(self.device))
         self.row_slots_cpu[held.row] = PAD
@@ -277,11 +280,13 @@ class HierarchicalKVManager:
             self.host.allocator.alloc(num_slots)  # raises OutOfSlotsError with the remedy
 
     def _reclaimable_slots(self) -> int:
-        return sum(
-            max(0, h.rows.shape[1] - h.mandatory) * self.LHs
-            for h in self._held.values()
-            if h.hierarchical
-        )
+        """HBM slots that shrinking every buffer to its mandatory floor would return (a running
+        total: _trim updates it whenever a request's rows change, free() when it leaves)."""
+        return self._reclaimable
+
+    def _set_reclaimable(self, held: _Held, pages: int) -> None:
+        self._reclaimable += (pages - held.reclaimable) * self.LHs
+        held.reclaimable = pages
 
     def _make_room(self, num_slots: int) -> None:
         """Free HBM for num_slots by shrinking buffers (BudgetPolicy: lowest gain first, down to
@@ -369,6 +374,7 @@ class HierarchicalKVManager:
         self.row_slots_cpu[held.row] = PAD
         self.row_slots_cpu[held.row, self.lh0 :, : held.rows.shape[1]] = held.rows
         self._dirty_rows.add(held.row)
+        self._set_reclaimable(held, max(0, held.rows.shape[1] - held.mandatory))
 
     def _ages(self) -> np.ndarray:
         """[num_hbm_slots] uint8 LRU ages as of the last launch (a sync-free snapshot on CUDA),
@@ -544,6 +550,9 @@ class HierarchicalKVManager:
         """Tables -> ForwardBatch (pages ensured), then flush. Hierarchical requests list only
         their tail page in the dense CSR: their attention pages come from the decode step."""
         self.flush()
+        helds = [self._held[it.request_id] for it in items]
+        if mode is ForwardMode.DECODE and all(h.hierarchical for h in helds):
+            return self._decode_batch(items, helds, device)
         return build_forward_batch(
             mode,
             items,
@@ -554,6 +563,37 @@ class HierarchicalKVManager:
             slots_of=lambda rid, pages: self._decode_slots(self._held[rid], pages).T,
             range_of=lambda rid, a, b: self._decode_slots(self._held[rid], np.arange(a, b)).T,
             first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
+        )
+
+    def _decode_batch(self, items: list[BatchItem], helds: list[_Held], device) -> ForwardBatch:
+        """build_forward_batch for one token per hierarchical request, vectorised: every slot
+        it needs is the request's tail page's (appended to, and the only page listed)."""
+        B, L, KV, P = len(items), self.num_layers, self.num_kv_heads, self.page_size
+        if any(len(it.token_ids) != 1 or it.all_logits for it in items):
+            raise AssertionError("a decode item carries one token and its logits only")
+        tails = np.stack([h.tail for h in helds])  # [B, LH]
+        if (tails == NONE).any():
+            raise AssertionError("a hierarchical request's tail page has no HBM slots")
+        pos = np.fromiter((it.start_pos for it in items), np.int64, B)
+        if (pos // P != np.fromiter((h.num_pages for h in helds), np.int64, B) - 1).any():
+            raise AssertionError("a decode token is not on its request's tail page")
+        per_layer = np.ascontiguousarray(tails.reshape(B, L, KV).transpose(1, 0, 2))  # [L, B, KV]
+
+        def t(a, dtype):
+            return torch.as_tensor(a, dtype=dtype).to(device)
+
+        rows = np.arange(B * KV + 1)
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=t([it.token_ids[0] for it in items], torch.int64),
+            positions=t(pos, torch.int64),
+            append_slots=t(per_layer, torch.int32),
+            append_offsets=t(pos % P, torch.int32),
+            qo_indptr=t(np.arange(B + 1), torch.int32),
+            kv_indptr=t(rows, torch.int32),
+            kv_slots=t(per_layer.reshape(L, B * KV), torch.int32),
+            kv_last_page_len=t(np.repeat(pos % P + 1, KV), torch.int32),
+            logits_indices=t(np.arange(B), torch.int64),
         )
 
     def attach(self, sparse: SparseDecode, request_ids: list[str]) -> None:
@@ -586,6 +626,13 @@ class HierarchicalKVManager:
                 expect = static.ravel()
             if expect.size != owned.size or not np.array_equal(np.sort(expect), owned):
                 raise AssertionError(f"{rid}: owned HBM slots != resident + rows + tail")
+        reclaimable = sum(
+            max(0, h.rows.shape[1] - h.mandatory) * self.LHs
+            for h in self._held.values()
+            if h.hierarchical
+        )
+        if reclaimable != self._reclaimable:
+            raise AssertionError(f"reclaimable HBM {self._reclaimable} != {reclaimable}")
         idle = np.ones(self.config.max_requests, bool)
         idle[held_rows] = False
         if (self.row_slots_cpu[idle] != PAD).any():

@@ -153,7 +153,10 @@ class PageDirectory:
         self.slot_entry_gpu = self.meta_gpu[self.rev_offset : self.spare]
         self._dirty: list[np.ndarray] = []  # meta indices changed since the last flush
         self._moved: list[np.ndarray] = []  # HBM slots re-pointed or taken back since then
+        num_hbm = self.hbm_owner.size
+        self._moved_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] the same, as a mask
         self._handed: list[np.ndarray] = []  # hand_over slots the next flush forgets
+        self._handed_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] still to be forgotten
         # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
         self._staging = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
         self._staging_events: list[torch.cuda.Event | None] = [None, None]
@@ -243,7 +246,7 @@ class PageDirectory:
         self.slot_entry_cpu[hbm] = NONE
         self.hbm_slots.free(hbm)
         self._cancel_handed(hbm)
-        self._moved.append(hbm)
+        self._mark_moved(hbm)
         self._dirty.append(self.rev_offset + hbm.astype(np.int64))
         row[:] = NONE
         self._dirty.append(req * self.config.max_segments + np.arange(self.config.max_segments))
@@ -277,7 +280,7 @@ class PageDirectory:
         self.hbm_owner[slots] = NONE
         self.hbm_slots.free(slots)
         self._cancel_handed(slots)
-        self._moved.append(slots)
+        self._mark_moved(slots)
 
     def hand_over(self, slots: np.ndarray) -> None:
         """HBM slots holding pages become the decode graph's (its LRU rows): the CPU tables
@@ -289,17 +292,20 @@ class PageDirectory:
         s = np.asarray(slots, dtype=np.int64).ravel()
         if ((s < 0) | (s >= self.hbm_owner.size)).any() or (self.hbm_owner[s] == NONE).any():
             raise ValueError("hand_over: slot out of range or owned by no request")
-        pending = np.concatenate(self._moved) if self._moved else np.zeros(0, np.int64)
-        if np.isin(s, pending).any():  # their entries are not on the device yet: push now
+        if self._moved_mask[s].any():  # their entries are not on the device yet: push now
             self.flush()
             self._forget(s)
         else:  # deferred to the next flush (one per step): same result, no extra upload
             self._handed.append(s)
+            self._handed_mask[s] = True
+
+    def _mark_moved(self, slots: np.ndarray) -> None:
+        self._moved.append(slots)
+        self._moved_mask[np.asarray(slots, np.int64)] = True
 
     def _cancel_handed(self, freed: np.ndarray) -> None:
         """Freed slots leave the deferred hand-overs (a new owner's entries are not theirs)."""
-        if self._handed:
-            self._handed = [h[~np.isin(h, freed)] for h in self._handed]
+        self._handed_mask[np.asarray(freed, np.int64)] = False
 
     def _forget(self, slots: np.ndarray) -> None:
         """The CPU-side half of hand_over, for the slots still owned."""
@@ -342,7 +348,8 @@ class PageDirectory:
         self.meta_cpu[flat] = slots
         self.slot_entry_cpu[new] = flat[resident]
         self._dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
-        self._moved += [old, new]
+        self._mark_moved(old)
+        self._mark_moved(new)
 
     def hbm_entries(
         self, req: int | np.ndarray, pages: np.ndarray, columns: int | None = None
@@ -379,7 +386,9 @@ class PageDirectory:
         self._dirty, self._moved = [], []
         values = self.meta_cpu[idx]  # read before the deferred hand-overs forget entries:
         for slots in self._handed:  # the device gets the state they were handed over in
-            self._forget(slots)
+            self._forget(slots[self._handed_mask[slots]])
+            self._handed_mask[slots] = False
+        self._moved_mask[moved] = False
         self._handed = []
         n, f = idx.size, moved.size
         if n + f == 0:

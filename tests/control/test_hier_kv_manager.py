@@ -280,3 +280,31 @@ def test_random_operations_keep_contents_and_accounting():
     kv.check_integrity(on_device=True)
     assert kv.hbm_slots.num_used == 0 and kv.host.allocator.num_used == 0
     assert kv.dir.segments.num_used == 0 and not kv.dir.active.any()
+
+
+def test_vectorised_decode_batch_equals_the_generic_builder():
+    """build_batch's fast path for hierarchical decode items gives the ForwardBatch the generic
+    build_forward_batch gives (append and listed slots = the tail page's, lengths, indices)."""
+    from spinserve.control.kv_manager import build_forward_batch
+
+    h = Harness(hbm_pages=40, host_pages=60, dense_layers=1, ratio=1.0)
+    for rid, uid, n in (("a", 1, 37), ("b", 2, 64), ("c", 3, 50)):
+        h.add(rid, uid, 2)
+        h.kv.ensure(rid, n)
+        h.write(ForwardMode.PREFILL, [BatchItem(rid, 0, [0] * n)])
+        h.kv.finish_prefill(rid, n)
+        h.kv.ensure(rid, n + 1)  # the next token's page (b starts a new one)
+    items = [BatchItem(r, n, [t]) for r, n, t in (("b", 64, 7), ("a", 37, 8), ("c", 50, 9))]
+    fast = h.kv.build_batch(ForwardMode.DECODE, items, "cpu")
+    kv = h.kv
+    slow = build_forward_batch(
+        ForwardMode.DECODE, items, kv.num_layers, kv.num_kv_heads, kv.page_size, "cpu",
+        slots_of=lambda rid, pages: kv._resident(kv._held[rid], pages).T,
+        range_of=lambda rid, a, b: kv._resident(kv._held[rid], np.arange(a, b)).T,
+        first_page_of=lambda rid, n: n - 1,
+    )  # fmt: skip
+    for name in ("input_ids", "positions", "append_slots", "append_offsets", "qo_indptr",
+                 "kv_indptr", "kv_slots", "kv_last_page_len", "logits_indices"):  # fmt: skip
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert fast.append_slots.min() > 0  # real slots, not the dummy
