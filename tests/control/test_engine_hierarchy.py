@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from tiny_models import make_checkpoint
 
 from spinserve.control.engine import LLMEngine, RequestError
@@ -26,12 +25,7 @@ SPARSE = {
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,15 @@ from spinserve.runtime.hierarchy import FETCHED, SHORT
 MAX_BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("static")
-    return build_engine(make_checkpoint("llama", d / "ckpt"), d / "e16", page_size=16, progress=False)
+    return build_engine(
+        make_checkpoint("llama", d / "ckpt"), d / "e16", page_size=16, progress=False
+    )
 
 
 def _settings(algorithm: str, dense_layers: int, hierarchy: bool) -> dict:

@@ -22,12 +22,7 @@ P, D, L, KV = 8, 64, 2, 2
 LH = L * KV
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def value(uid: int, lh: int, pos: int) -> float:

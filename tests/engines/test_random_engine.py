@@ -23,12 +23,7 @@ from spinserve.engines.random_engine import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _hf_state_dict(cfg, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

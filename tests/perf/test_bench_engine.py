@@ -25,15 +25,7 @@ def engine_dir(tmp_path_factory):
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a few shared cores OpenMP teams spin against each other."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from tiny_models import make_checkpoint
 
 from spinserve.engines.build import build_engine
@@ -27,12 +26,7 @@ MANDATORY = 1 + 1 + 1 + 32 // 16 + 2  # sinks, window, +1 alignment, budget, +2 
 LAYER_HEADS = 2 * 2  # tiny llama: 2 layers x 2 kv heads, all sparse
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

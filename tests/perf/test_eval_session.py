@@ -21,12 +21,7 @@ MAX_TOKENS = 200
 ALGORITHMS = ("streaming", "quest", "retroinfer")  # page size 16; shadowkv below (8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
