@@ -1,0 +1,187 @@
+"""The batch-building and accounting half of HierarchicalKVManager (control/hier_kv_manager.py,
+split off for size): HBM slot lookups for ForwardBatches and sparse page tables, the vectorised
+hierarchical decode batch, check_integrity. It reads the manager's state (`_held`, `dir`, `LH`,
+`lh0`, ...) and is not used on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spinserve.runtime.batch import ForwardBatch, ForwardMode, SparseDecode
+from spinserve.runtime.lru import PAD
+
+from .kv_manager import BatchItem, build_forward_batch
+from .page_directory import NONE
+
+
+@dataclass(slots=True)
+class HeldRequest:
+    """One request's pages and budget; slot arrays are int32, -1 = none."""
+
+    row: int  # directory row (= sparse-index slot)
+    mandatory: int | None  # pages a sparse row may select per step; None = dense (all resident)
+    num_pages: int = 0  # logical pages allocated
+    width: int = 0  # row width target (mandatory + buffer) once hierarchical
+    hierarchical: bool = False
+    rows: np.ndarray | None = None  # [LHs, w] HBM slots of the sparse rows (unordered)
+    tail: np.ndarray | None = None  # [LH] HBM slots of the tail page
+    reclaimable: int = 0  # buffer pages per row above mandatory (HBM a shrink would return)
+    columns: np.ndarray | None = None  # [n, c] cached HBM slots of the first c (layer, head)
+    # columns of its first n pages, c <= the dense layers' columns (those pages never move)
+    seen: tuple[int, int] | None = None  # (lookups, hits) of its row at the last rebalance
+    prev: tuple[int, float] = (-1, float("nan"))  # (buffer, hit rate) at the last rebalance
+
+
+class HierarchyBatches:
+    """Mixin of HierarchicalKVManager: tables, batches and accounting."""
+
+    # ---- tables and batches ---------------------------------------------------------------
+    def _resident(self, held: HeldRequest, pages: np.ndarray, columns: int | None = None) -> np.ndarray:
+        """[n, LH] int32 HBM slots of pages the control plane placed (resident requests, tail
+        pages, dense layers), or their first `columns` (layer, kv_head) columns; AssertionError
+        if one is not resident."""
+        slots = self.dir.hbm_entries(held.row, pages, columns)
+        if held.hierarchical:
+            slots = slots.copy()
+            slots[:, self.lh0 :][pages < held.num_pages - 1] = 0  # rows: the graph's business
+        if (slots == NONE).any():
+            raise AssertionError("a page the batch reads from HBM is not resident")
+        return slots
+
+    def request_table(self, request_id: str) -> np.ndarray:
+        """[L, KV, num_pages] int32 HBM slots of a resident request (index building)."""
+        held = self._held[request_id]
+        n = held.num_pages
+        return self._resident(held, np.arange(n)).T.reshape(self.num_layers, self.num_kv_heads, n)
+
+    def batch_table(self, request_ids: list[str], layers: int | None = None) -> np.ndarray:
+        """[layers, B, KV, N] int32 HBM slots of the first `layers` layers (None: all), 0
+        padded. For hierarchical requests only the dense layers and the tail page are
+        meaningful (sparse rows resolve in the decode step): ask for the dense layers."""
+        n_max = max(self._held[r].num_pages for r in request_ids)
+        L, KV = self.num_layers if layers is None else layers, self.num_kv_heads
+        out = np.zeros((L, len(request_ids), KV, n_max), np.int32)
+        for b, r in enumerate(request_ids):
+            n = self._held[r].num_pages
+            slots = self._columns(self._held[r], L * KV)
+            out[:, b, :, :n] = slots.T.reshape(L, KV, n)
+        return out
+
+    def _columns(self, held: HeldRequest, columns: int) -> np.ndarray:
+        """[num_pages, columns] HBM slots (_resident); the dense layers' columns are cached per
+        request and extended by the pages added since (every step reads them)."""
+        if columns > self.lh0:
+            return self._resident(held, np.arange(held.num_pages), columns)
+        cache = held.columns
+        if cache is None or cache.shape[1] != columns:
+            cache = np.zeros((0, columns), np.int32)
+        if cache.shape[0] < held.num_pages:
+            new = self._resident(held, np.arange(cache.shape[0], held.num_pages), columns)
+            cache = held.columns = np.concatenate([cache, new])
+        return cache[: held.num_pages]
+
+    def _decode_slots(self, held: HeldRequest, pages: np.ndarray) -> np.ndarray:
+        """[n, LH] HBM slots of pages a batch appends to or lists densely: a hierarchical
+        request's are its tail page's (held.tail), anything else goes through _resident."""
+        if held.hierarchical and pages.size == 1 and pages[0] == held.num_pages - 1:
+            if (held.tail == NONE).any():
+                raise AssertionError("a hierarchical request's tail page has no HBM slots")
+            return held.tail[None, :]
+        return self._resident(held, pages)
+
+    def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
+        """Tables -> ForwardBatch (pages ensured), then flush. Hierarchical requests list only
+        their tail page in the dense CSR: their attention pages come from the decode step."""
+        self.flush()
+        helds = [self._held[it.request_id] for it in items]
+        if mode is ForwardMode.DECODE and all(h.hierarchical for h in helds):
+            return self._decode_batch(items, helds, device)
+        return build_forward_batch(
+            mode,
+            items,
+            self.num_layers,
+            self.num_kv_heads,
+            self.page_size,
+            device,
+            slots_of=lambda rid, pages: self._decode_slots(self._held[rid], pages).T,
+            range_of=lambda rid, a, b: self._decode_slots(self._held[rid], np.arange(a, b)).T,
+            first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
+        )
+
+    def _decode_batch(self, items: list[BatchItem], helds: list[HeldRequest], device) -> ForwardBatch:
+        """build_forward_batch for one token per hierarchical request, vectorised: every slot
+        it needs is the request's tail page's (appended to, and the only page listed)."""
+        B, L, KV, P = len(items), self.num_layers, self.num_kv_heads, self.page_size
+        if any(len(it.token_ids) != 1 or it.all_logits for it in items):
+            raise AssertionError("a decode item carries one token and its logits only")
+        tails = np.stack([h.tail for h in helds])  # [B, LH]
+        if (tails == NONE).any():
+            raise AssertionError("a hierarchical request's tail page has no HBM slots")
+        pos = np.fromiter((it.start_pos for it in items), np.int64, B)
+        if (pos // P != np.fromiter((h.num_pages for h in helds), np.int64, B) - 1).any():
+            raise AssertionError("a decode token is not on its request's tail page")
+        per_layer = np.ascontiguousarray(tails.reshape(B, L, KV).transpose(1, 0, 2))  # [L, B, KV]
+
+        def t(a, dtype):
+            return torch.as_tensor(a, dtype=dtype).to(device)
+
+        rows = np.arange(B * KV + 1)
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=t([it.token_ids[0] for it in items], torch.int64),
+            positions=t(pos, torch.int64),
+            append_slots=t(per_layer, torch.int32),
+            append_offsets=t(pos % P, torch.int32),
+            qo_indptr=t(np.arange(B + 1), torch.int32),
+            kv_indptr=t(rows, torch.int32),
+            kv_slots=t(per_layer.reshape(L, B * KV), torch.int32),
+            kv_last_page_len=t(np.repeat(pos % P + 1, KV), torch.int32),
+            logits_indices=t(np.arange(B), torch.int64),
+        )
+
+    def attach(self, sparse: SparseDecode, request_ids: list[str]) -> None:
+        """Route a sparse decode batch through the hierarchy (every request hierarchical)."""
+        if not all(self._held[r].hierarchical for r in request_ids):
+            raise AssertionError("a sparse decode request is still resident (no finish_prefill)")
+        sparse.hierarchy = self.hierarchy
+
+    # ---- accounting -------------------------------------------------------------------------
+    def check_integrity(self, on_device: bool = False) -> None:
+        """Directory invariants, plus: each request owns exactly its resident slots, rows and
+        tail; the device row_slots mirror the CPU ones; idle rows own nothing.
+        on_device: flush, then also check the device tables (synchronizes: call while idle)."""
+        if on_device:
+            self.flush()
+        self.dir.check_integrity(on_device=on_device)
+        held_rows = sorted(h.row for h in self._held.values())
+        if sorted(held_rows + self._free_rows) != list(range(self.config.max_requests)):
+            raise AssertionError("request rows leaked or held twice")
+        for rid, h in self._held.items():
+            owned = np.flatnonzero(self.dir.hbm_owner == h.row)
+            static = self.dir.hbm_entries(h.row, np.arange(h.num_pages))
+            if h.hierarchical:
+                tail = h.tail[self.lh0 :]  # the dense layers' tail is among their static pages
+                parts = [static[:, : self.lh0].ravel(), tail[tail != NONE], h.rows.ravel()]
+                expect = np.concatenate(parts)
+                if h.rows.shape[1] > h.width:
+                    raise AssertionError(f"{rid}: {h.rows.shape[1]} row slots > width {h.width}")
+            else:
+                expect = static.ravel()
+            if expect.size != owned.size or not np.array_equal(np.sort(expect), owned):
+                raise AssertionError(f"{rid}: owned HBM slots != resident + rows + tail")
+        reclaimable = sum(
+            max(0, h.rows.shape[1] - h.mandatory) * self.LHs
+            for h in self._held.values()
+            if h.hierarchical
+        )
+        if reclaimable != self._reclaimable:
+            raise AssertionError(f"reclaimable HBM {self._reclaimable} != {reclaimable}")
+        idle = np.ones(self.config.max_requests, bool)
+        idle[held_rows] = False
+        if (self.row_slots_cpu[idle] != PAD).any():
+            raise AssertionError("an idle request row lists HBM slots")
+        if on_device and not np.array_equal(self.row_slots_gpu.cpu().numpy(), self.row_slots_cpu):
+            raise AssertionError("device row_slots differ from the CPU mirror (flush missing?)")
