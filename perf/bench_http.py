@@ -16,11 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .common import record, write_record
+from .serve_harness import ServerProcess
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, "
@@ -38,7 +35,7 @@ MODEL = "bench"
 SERVER_SCRIPT = """
 import sys
 from pathlib import Path
-engine, port, device, kv_tokens, null = sys.argv[1:6]
+port, engine, device, kv_tokens, null = sys.argv[1:6]  # serve_harness: the port first
 if null == "1":  # the serving stack over NullEngine: no model cost at all
     import uvicorn
     from spinserve.control.server import create_app
@@ -105,49 +102,6 @@ class NullEngine:
 def _prompts(tokenizer, n: int, prompt_tokens: int, salt: int) -> list[list[int]]:
     ids = tokenizer.encode(TEXT * (1 + prompt_tokens // 40))
     return [[(salt + i) % 200 + 10, *ids[: prompt_tokens - 1]] for i in range(n)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(
-    engine_dir: Path, device: str, kv_tokens: int, threads: int, log: Path, null: bool = False
-):
-    import httpx
-
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            SERVER_SCRIPT,
-            str(engine_dir),
-            str(port),
-            device,
-            str(kv_tokens),
-            str(int(null)),
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("server did not become ready")
 
 
 def time_offline(engine, prompts, params) -> float:
@@ -287,18 +241,18 @@ def run_section(load, engine_dir: Path, cfg: dict, null: bool) -> list[dict]:
     loop = asyncio.new_event_loop()
     aengine = AsyncEngine(load)
     loop.run_until_complete(_start_async(aengine))
-    log = Path(tempfile.mkdtemp()) / "server.log"
-    proc, url = _start_server(
-        engine_dir, cfg["device"], cfg["kv_cache_tokens"], cfg["threads"], log, null
-    )
+    args = [str(engine_dir), cfg["device"], str(cfg["kv_cache_tokens"]), str(int(null))]
+    server = ServerProcess(SERVER_SCRIPT, args, Path(tempfile.mkdtemp()),
+                           env={"OMP_NUM_THREADS": str(cfg["threads"])})  # fmt: skip
+    server.wait_ready(timeout_s=600)
+    url = server.base_url
     rows = []
     try:
         for clients in cfg["clients"]:
             rows.append(_bench_clients(engine, aengine, loop, url, clients, cfg))
             _print_row(rows[-1], "null model" if null else "model")
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop(timeout_s=60)
         loop.run_until_complete(aengine.shutdown(grace_s=0))
         loop.close()
     return rows
