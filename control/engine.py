@@ -132,11 +132,10 @@ class LLMEngine:
         name = self.default_algorithm
         if name == DENSE or not self.runner.planner(name).capturable:
             return None
-        dense_layers = min(self.runner.sparse_params.dense_layers, self.model_config.num_layers)
         return SparseGraphSpec(
             name,
             self.settings.sparse.budget_tokens,
-            dense_layers if self.hierarchy else self.model_config.num_layers,
+            self.kv.config.dense_layers if self.hierarchy else self.model_config.num_layers,
             self.kv.hierarchy if self.hierarchy else None,
         )
 
@@ -297,7 +296,7 @@ class LLMEngine:
             budgets = [r.params.sparse_budget_tokens or default for r in reqs]
             ids = [r.request_id for r in reqs]
             # with the hierarchy only the dense layers' pages are resident and listed
-            layers = self.runner.sparse_params.dense_layers if self.hierarchy else None
+            layers = self.kv.config.dense_layers if self.hierarchy else None
             batch.sparse = SparseDecode(
                 algorithm=algorithm,
                 req_slots=self._tensor([self._req_slot[r.request_id] for r in reqs]),

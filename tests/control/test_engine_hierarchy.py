@@ -256,3 +256,15 @@ def test_engine_rebalances_buffers_from_hit_rates(engines):
     assert rows[held.row][0] > rows[held.row][1] > 0  # lookups > hits > 0, counted per row
     eng.abort("r")
     _all_free(eng)
+
+
+def test_more_dense_layers_than_the_model_has(engines):
+    """sparse.dense_layers beyond the model's layer count: every layer dense and resident (the
+    sparse page tables list the model's layers only), decoding works and nothing leaks."""
+    kw = {**SPARSE, "sparse.algorithm": "quest", "sparse.dense_layers": 9, "cache.hierarchy": True}
+    eng = LLMEngine.from_engine_dir(engines[16], device="cpu", **kw)
+    assert eng.kv.config.dense_layers == eng.model_config.num_layers
+    flat = LLMEngine.from_engine_dir(engines[16], device="cpu", **SPARSE)  # dense, resident
+    prompts = _prompts((120, 40))
+    assert _run(eng, prompts)[0] == _run(flat, prompts)[0]  # all layers dense = dense attention
+    _all_free(eng)
