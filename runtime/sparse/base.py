@@ -127,11 +127,6 @@ class PageBuffers:
         return self.tensors[name]
 
 
-def capturing() -> bool:
-    """A CUDA graph capture is under way on the current stream (no host syncs allowed)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def num_pages_of(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
     return (seq_lens + page_size - 1) // page_size
 
@@ -143,8 +138,7 @@ def decode_page_index(
     [B, KV, *tail] entries of its page, fresh [B, 1, 1] bool = the token opens a new page).
     Grows the buffers to hold the page."""
     page = positions.long() // page_size
-    if not capturing():  # a graph's buffers were reserved before capture (reads no max)
-        buffers.ensure(int(page.max()) + 1)
+    buffers.ensure(int(page.max()) + 1)  # a host read: the eager path only
     heads = torch.arange(buffers.num_kv_heads, device=positions.device)
     idx = (req_slots.long()[:, None], heads[None, :], page[:, None])
     fresh = (positions.long() % page_size == 0)[:, None, None]
@@ -274,8 +268,9 @@ class SparseAlgorithm(ABC):
         return None
 
     def index_decode_static(self, state: SparseState, keys: torch.Tensor, cand: Candidates):
-        """index_decode on the capturable path (buffers reserved: no growth); algorithms may
-        use the step's precomputed addressing in `cand` (tail_rows, fresh)."""
+        """index_decode on the capturable path (buffers reserved, no host reads): a capturable
+        algorithm that indexes keys overrides it with device ops on `cand`'s precomputed
+        addressing (tail_rows, fresh), as Quest does; this default suits index-free ones."""
         self.index_decode(state, cand.index_rows, keys, cand.positions)
 
     def release(self, state: SparseState, req_slot: int) -> None:
