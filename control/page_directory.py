@@ -154,7 +154,8 @@ class PageDirectory:
         self._dirty: list[np.ndarray] = []  # meta indices changed since the last flush
         self._moved: list[np.ndarray] = []  # HBM slots re-pointed or taken back since then
         num_hbm = self.hbm_owner.size
-        self._moved_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] the same, as a mask
+        self._fresh: list[np.ndarray] = []  # HBM slots given entries (set_hbm) since then
+        self._fresh_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] the same, as a mask
         self._handed: list[np.ndarray] = []  # hand_over slots the next flush forgets
         self._handed_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] still to be forgotten
         # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
@@ -246,7 +247,7 @@ class PageDirectory:
         self.slot_entry_cpu[hbm] = NONE
         self.hbm_slots.free(hbm)
         self._cancel_handed(hbm)
-        self._mark_moved(hbm)
+        self._moved.append(hbm)
         self._dirty.append(self.rev_offset + hbm.astype(np.int64))
         row[:] = NONE
         self._dirty.append(req * self.config.max_segments + np.arange(self.config.max_segments))
@@ -280,32 +281,30 @@ class PageDirectory:
         self.hbm_owner[slots] = NONE
         self.hbm_slots.free(slots)
         self._cancel_handed(slots)
-        self._mark_moved(slots)
+        self._moved.append(slots)
 
     def hand_over(self, slots: np.ndarray) -> None:
         """HBM slots holding pages become the decode graph's (its LRU rows): the CPU tables
         forget which page each holds (its hbm_l2 entry and slot_entry go to -1 in meta_cpu)
-        without touching the device tables, where the graph may move them from now on.
-        Pending changes are flushed first, so the device already knows these pages; ownership
-        (hbm_owner) is unchanged. Without this, a later disown_hbm or set_hbm would write the
-        CPU's stale belief over the graph's entries."""
+        without touching the device tables, where the graph may move them from now on. The
+        device must know these pages first: slots given entries since the last flush flush now,
+        the others are forgotten by the next flush (after it reads the values it uploads);
+        ownership (hbm_owner) is unchanged. Without this, a later disown_hbm or set_hbm would
+        write the CPU's stale belief over the graph's entries."""
         s = np.asarray(slots, dtype=np.int64).ravel()
         if ((s < 0) | (s >= self.hbm_owner.size)).any() or (self.hbm_owner[s] == NONE).any():
             raise ValueError("hand_over: slot out of range or owned by no request")
-        if self._moved_mask[s].any():  # their entries are not on the device yet: push now
+        if self._fresh_mask[s].any():  # their entries are not on the device yet: push now
             self.flush()
             self._forget(s)
         else:  # deferred to the next flush (one per step): same result, no extra upload
             self._handed.append(s)
             self._handed_mask[s] = True
 
-    def _mark_moved(self, slots: np.ndarray) -> None:
-        self._moved.append(slots)
-        self._moved_mask[np.asarray(slots, np.int64)] = True
-
     def _cancel_handed(self, freed: np.ndarray) -> None:
         """Freed slots leave the deferred hand-overs (a new owner's entries are not theirs)."""
-        self._handed_mask[np.asarray(freed, np.int64)] = False
+        if self._handed:
+            self._handed_mask[np.asarray(freed, np.int64)] = False
 
     def _forget(self, slots: np.ndarray) -> None:
         """The CPU-side half of hand_over, for the slots still owned."""
@@ -348,8 +347,9 @@ class PageDirectory:
         self.meta_cpu[flat] = slots
         self.slot_entry_cpu[new] = flat[resident]
         self._dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
-        self._mark_moved(old)
-        self._mark_moved(new)
+        self._moved += [old, new]
+        self._fresh.append(new)
+        self._fresh_mask[new] = True
 
     def hbm_entries(
         self, req: int | np.ndarray, pages: np.ndarray, columns: int | None = None
@@ -388,7 +388,9 @@ class PageDirectory:
         for slots in self._handed:  # the device gets the state they were handed over in
             self._forget(slots[self._handed_mask[slots]])
             self._handed_mask[slots] = False
-        self._moved_mask[moved] = False
+        for fresh in self._fresh:
+            self._fresh_mask[fresh] = False
+        self._fresh = []
         self._handed = []
         n, f = idx.size, moved.size
         if n + f == 0:
