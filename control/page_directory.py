@@ -155,7 +155,6 @@ class PageDirectory:
         self._moved: list[np.ndarray] = []  # HBM slots re-pointed or taken back since then
         num_hbm = self.hbm_owner.size
         self._fresh: list[np.ndarray] = []  # HBM slots given entries (set_hbm) since then
-        self._fresh_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] the same, as a mask
         self._handed: list[np.ndarray] = []  # hand_over slots the next flush forgets
         self._handed_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] still to be forgotten
         # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
@@ -294,7 +293,8 @@ class PageDirectory:
         s = np.asarray(slots, dtype=np.int64).ravel()
         if ((s < 0) | (s >= self.hbm_owner.size)).any() or (self.hbm_owner[s] == NONE).any():
             raise ValueError("hand_over: slot out of range or owned by no request")
-        if self._fresh_mask[s].any():  # their entries are not on the device yet: push now
+        fresh = np.concatenate(self._fresh) if self._fresh else s[:0]
+        if np.isin(s, fresh).any():  # their entries are not on the device yet: push now
             self.flush()
             self._forget(s)
         else:  # deferred to the next flush (one per step): same result, no extra upload
@@ -349,7 +349,6 @@ class PageDirectory:
         self._dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
         self._moved += [old, new]
         self._fresh.append(new)
-        self._fresh_mask[new] = True
 
     def hbm_entries(
         self, req: int | np.ndarray, pages: np.ndarray, columns: int | None = None
@@ -388,8 +387,6 @@ class PageDirectory:
         for slots in self._handed:  # the device gets the state they were handed over in
             self._forget(slots[self._handed_mask[slots]])
             self._handed_mask[slots] = False
-        for fresh in self._fresh:
-            self._fresh_mask[fresh] = False
         self._fresh = []
         self._handed = []
         n, f = idx.size, moved.size
