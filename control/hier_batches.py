@@ -83,18 +83,10 @@ class HierarchyBatches:
             cache = held.columns = np.concatenate([cache, new])
         return cache[: held.num_pages]
 
-    def _decode_slots(self, held: HeldRequest, pages: np.ndarray) -> np.ndarray:
-        """[n, LH] HBM slots of pages a batch appends to or lists densely: a hierarchical
-        request's are its tail page's (held.tail), anything else goes through _resident."""
-        if held.hierarchical and pages.size == 1 and pages[0] == held.num_pages - 1:
-            if (held.tail == NONE).any():
-                raise AssertionError("a hierarchical request's tail page has no HBM slots")
-            return held.tail[None, :]
-        return self._resident(held, pages)
-
     def build_batch(self, mode: ForwardMode, items: list[BatchItem], device) -> ForwardBatch:
         """Tables -> ForwardBatch (pages ensured), then flush. Hierarchical requests list only
-        their tail page in the dense CSR: their attention pages come from the decode step."""
+        their tail page in the dense CSR: their attention pages come from the decode step
+        (_decode_batch, the only way a hierarchical request reaches a forward)."""
         self.flush()
         helds = [self._held[it.request_id] for it in items]
         if mode is ForwardMode.DECODE and all(h.hierarchical for h in helds):
@@ -106,8 +98,8 @@ class HierarchyBatches:
             self.num_kv_heads,
             self.page_size,
             device,
-            slots_of=lambda rid, pages: self._decode_slots(self._held[rid], pages).T,
-            range_of=lambda rid, a, b: self._decode_slots(self._held[rid], np.arange(a, b)).T,
+            slots_of=lambda rid, pages: self._resident(self._held[rid], pages).T,
+            range_of=lambda rid, a, b: self._resident(self._held[rid], np.arange(a, b)).T,
             first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
         )
 

@@ -43,7 +43,9 @@ from pathlib import Path
 
 import torch
 
-from spinserve.configs.model import Architecture, ModelConfig, RopeScaling
+from spinserve.configs.model import Architecture, ModelConfig
+from spinserve.engines.manifest import RandomWeights
+from spinserve.engines.random_engine import preset_config, random_weights
 from spinserve.perf import decode_step_control
 from spinserve.perf.common import record, write_record
 from spinserve.perf.decode_step_parts import (
@@ -68,36 +70,9 @@ RESOLVE = "fused"  # the engine default on CUDA (cache.fused_resolve); "torch" o
 SMOKE_ITERS = {"graph": 1, "eager": 1}
 
 
-def llama8b() -> ModelConfig:
-    return ModelConfig(
-        Architecture.LLAMA, 128256, 4096, 14336, 32, 32, 8, 128, 131072, 1e-5, 500000.0,
-        RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-    )  # fmt: skip
-
-
 def smoke_config() -> ModelConfig:
     """A tiny model for a CPU dry run of this script's logic (--smoke)."""
     return ModelConfig(Architecture.LLAMA, 1000, 256, 512, 2, 4, 2, 64, 4096)
-
-
-def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator(DEV).manual_seed(seed)
-    h, D = cfg.hidden_size, cfg.head_dim
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g, device=DEV, dtype=BF16) * 0.02).contiguous()
-
-    w = {"embed_tokens.weight": rnd(cfg.vocab_size, h), "lm_head.weight": rnd(cfg.vocab_size, h)}
-    w["norm.weight"] = torch.ones(h, device=DEV, dtype=BF16)
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        w[p + "input_norm.weight"] = torch.ones(h, device=DEV, dtype=BF16)
-        w[p + "post_attention_norm.weight"] = torch.ones(h, device=DEV, dtype=BF16)
-        w[p + "qkv_proj.weight"] = rnd((cfg.num_heads + 2 * cfg.num_kv_heads) * D, h)
-        w[p + "o_proj.weight"] = rnd(h, cfg.num_heads * D)
-        w[p + "gate_up_proj.weight"] = rnd(2 * cfg.intermediate_size, h)
-        w[p + "down_proj.weight"] = rnd(h, cfg.intermediate_size)
-    return w
 
 
 def events_ms(fn, iters: int) -> float:
@@ -330,10 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
     DEV = "cpu" if args.smoke else "cuda"
     ITERS.update(SMOKE_ITERS if args.smoke else {"graph": 15, "eager": 5})
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    cfg = smoke_config() if args.smoke else llama8b()
+    cfg = smoke_config() if args.smoke else preset_config("llama-3.1-8b")
     bw = bandwidths()
     print(bw, flush=True)
-    weights = random_weights(cfg)
+    weights = random_weights(cfg, RandomWeights("bench", 0, 0.02), DEV, BF16)
     w_bytes = sum(t.numel() * t.element_size() for k, t in weights.items() if "embed" not in k)
     fl = {"weights": w_bytes, "hbm": bw["hbm_copy_gbps"] * 1e6, "pcie": bw["pinned_h2d_gbps"] * 1e6}
     model = LlamaModel(cfg, weights)

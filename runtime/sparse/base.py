@@ -131,6 +131,21 @@ def num_pages_of(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
     return (seq_lens + page_size - 1) // page_size
 
 
+def token_page_rows(
+    index_rows: torch.Tensor,  # [B] int64 request rows of per-page buffers
+    positions: torch.Tensor,  # [B] int64 one token's position per request
+    num_kv_heads: int,
+    capacity: int,  # pages per row of the buffers
+    page_size: int,
+) -> torch.Tensor:  # [B * KV] int32, (b, h) order
+    """Row of each (request, kv head)'s token page in per-page buffers [rows, KV, capacity, *]
+    flattened to [rows * KV * capacity, *]."""
+    heads = torch.arange(num_kv_heads, device=positions.device)
+    page = (positions.long() // page_size)[:, None]
+    rows = (index_rows.long()[:, None] * num_kv_heads + heads) * capacity + page
+    return rows.reshape(-1).to(torch.int32)
+
+
 def decode_page_index(
     buffers: PageBuffers, req_slots: torch.Tensor, positions: torch.Tensor, page_size: int
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

@@ -16,9 +16,9 @@ from .base import (
     PageBuffers,
     SparseAlgorithm,
     SparseState,
-    decode_page_index,
     group_max_scores,
     register_algorithm,
+    token_page_rows,
     topk_page_mask,
     valid_page_mask,
 )
@@ -63,12 +63,11 @@ class QuestAlgorithm(SparseAlgorithm):
         keys: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        buf, D = state.buffers, self.head_dim
-        idx, fresh = decode_page_index(buf, req_slots, positions, self.page_size)
-        req, head, page = idx  # [B, 1], [1, KV], [B, 1] -> flat table rows [B * KV]
-        rows = ((req * self.num_kv_heads + head) * buf.capacity + page).reshape(-1).int()
+        buf, D, P = state.buffers, self.head_dim, self.page_size
+        buf.ensure(int(positions.max()) // P + 1)  # a host read: the eager path only
+        rows = token_page_rows(req_slots, positions, self.num_kv_heads, buf.capacity, P)
         kmin, kmax = buf["kmin"].view(-1, D), buf["kmax"].view(-1, D)
-        ops.fold_page_minmax(kmin, kmax, rows, fresh.reshape(-1), keys.contiguous())
+        ops.fold_page_minmax(kmin, kmax, rows, positions % P == 0, keys.contiguous())
 
     def page_scores(
         self, state: SparseState, query: torch.Tensor, req_slots: torch.Tensor, n: int

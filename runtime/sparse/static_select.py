@@ -22,7 +22,7 @@ import torch
 
 from spinserve.plugins import ops
 
-from .base import PageSelection, SparseAlgorithm, SparseState, num_pages_of
+from .base import PageSelection, SparseAlgorithm, SparseState, num_pages_of, token_page_rows
 
 
 @dataclass(slots=True)
@@ -47,11 +47,9 @@ class Candidates:
         """[B * KV] int32 row of each (request, kv head)'s new-token page in per-page buffers
         [rows, KV, capacity, *] flattened (the decode index update writes there)."""
         if capacity not in self._tail_rows:
-            KV = self.num_kv_heads
-            heads = torch.arange(KV, device=self.positions.device)
-            page = (self.positions // self.page_size)[:, None]
-            rows = (self.index_rows[:, None] * KV + heads) * capacity + page
-            self._tail_rows[capacity] = rows.reshape(-1).to(torch.int32)
+            self._tail_rows[capacity] = token_page_rows(
+                self.index_rows, self.positions, self.num_kv_heads, capacity, self.page_size
+            )
         return self._tail_rows[capacity]
 
     def table_rows(self, capacity: int) -> torch.Tensor:
