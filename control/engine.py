@@ -1,8 +1,10 @@
 """LLMEngine: tokenizer + scheduler + KV manager + model runner, stepped by its owner.
 
 One step: schedule -> one prefill forward (chunks of several requests) -> one decode forward
-(one token per running request) -> sample -> stop checks -> outputs. The engine is not
-thread-safe: exactly one thread (the CLI, or the server's engine loop) calls it.
+(one token per running request) -> sample on the device -> read back the PREVIOUS step's decode
+tokens -> stop checks -> outputs (control/inflight.py: the host prepares a step while the GPU
+runs the one before). The engine is not thread-safe: exactly one thread (the CLI, or the
+server's engine loop) calls it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from spinserve.engines.manifest import Manifest, read_manifest
 from spinserve.runtime.batch import ForwardMode, SparseDecode
 from spinserve.runtime.cuda_graph import SparseGraphSpec
 from spinserve.runtime.model_runner import DENSE, ModelRunner, kv_bytes_per_slot
-from spinserve.runtime.sampling import SamplerState, SamplingParams, sample
+from spinserve.runtime.sampling import SamplerState, SamplingParams, sample, sample_on_device
 from spinserve.runtime.sparse import SparseParams
+from spinserve.runtime.transfer import to_device
 
 from .hier_kv_manager import HierarchicalKVManager, manager_for_runner, mandatory_pages
+from .inflight import InFlight
 from .kv_manager import BatchItem, PagedKVManager
-from .request import FinishReason, Request, RequestStatus
+from .request import PENDING, FinishReason, Request, RequestStatus
 from .scheduler import Scheduler
 from .stream_detokenizer import IncrementalDetokenizer
 
@@ -124,6 +128,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._num_preemptions = 0
+        self._inflight: InFlight | None = None  # the decode launch whose tokens are not read
 
     def sparse_graph_spec(self) -> SparseGraphSpec | None:
         """What the sparse decode graphs are captured for: the default algorithm at the default
@@ -217,7 +222,7 @@ class LLMEngine:
             free = self._free_req_slots
             slot = self.kv.request_slot(req.request_id) if self.hierarchy else free.pop()
             self._req_slot[req.request_id] = slot
-        table = torch.as_tensor(self.kv.request_table(req.request_id)).to(self.device)
+        table = to_device(self.kv.request_table(req.request_id), torch.int32, self.device)
         self.runner.index_prefill(algorithm, slot, table, req.num_cached_tokens)
         if self.hierarchy:  # offload the prefill, keep the working set
             self.kv.finish_prefill(req.request_id, req.num_cached_tokens)
@@ -232,7 +237,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or self._inflight is not None
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
@@ -254,43 +259,96 @@ class LLMEngine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, launch, and return the tokens of the previous decode launch: a decode's
+        sampled tokens stay on the device (the next launch reads its input ids there), so the
+        host prepares step N+1 while the GPU runs step N. Prefill chunks and preemptions read
+        output tokens on the host, so a step with either first waits for the launch in flight."""
         sched = self.scheduler.schedule()
         self._num_preemptions += len(sched.preempted)
         for req in sched.preempted:
             self._release_index(req)
-        new_tokens: dict[str, int] = {}
-        if sched.prefill:
-            items = [
-                BatchItem(
-                    r.request_id,
-                    r.num_cached_tokens,
-                    r.all_ids[r.num_cached_tokens : r.num_cached_tokens + n],
-                )
-                for r, n in sched.prefill
-            ]
-            logits = self._forward(ForwardMode.PREFILL, items)
-            done = []
-            for row, (req, n) in enumerate(sched.prefill):
-                req.num_cached_tokens += n
-                if not req.in_prefill:
-                    self._index_prefill(req)
-                    if not req.output_ids:
-                        done.append((row, req))
-            if done:
-                ids = sample(logits[[row for row, _ in done]], [r.sampler for _, r in done])
-                new_tokens.update({r.request_id: t for (_, r), t in zip(done, ids)})
-        groups: dict[str, list[Request]] = {}
-        for req in sched.decode:
-            groups.setdefault(self._algorithm(req), []).append(req)
-        for algorithm, reqs in groups.items():
-            new_tokens.update(self._decode(algorithm, reqs))
-        return [self._append(self._requests[rid], tok) for rid, tok in new_tokens.items()]
+        outputs: list[RequestOutput] = []
+        if sched.prefill or sched.preempted:
+            outputs = self._resolve()  # may finish requests this schedule included
+            live = RequestStatus.RUNNING
+            sched.decode = [r for r in sched.decode if r.status is live]
+            outputs += self._prefill([(r, n) for r, n in sched.prefill if r.status is live])
+        launched = self._launch(sched.decode)
+        outputs += self._resolve()
+        self._inflight = launched
+        return outputs
 
-    def _decode(self, algorithm: str, reqs: list[Request]) -> dict[str, int]:
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> list[RequestOutput]:
+        """One prefill forward; requests whose prompt is now cached sample their first token."""
+        if not chunks:
+            return []
+        items = [
+            BatchItem(r.request_id, r.num_cached_tokens, r.all_ids[r.num_cached_tokens :][:n])
+            for r, n in chunks
+        ]
+        logits = self._forward(ForwardMode.PREFILL, items)
+        done = []
+        for row, (req, n) in enumerate(chunks):
+            req.num_cached_tokens += n
+            if not req.in_prefill:
+                self._index_prefill(req)
+                if not req.output_ids:
+                    done.append((row, req))
+        if not done:
+            return []
+        ids = sample(logits[[row for row, _ in done]], [r.sampler for _, r in done])
+        outputs = []
+        for (_, req), token in zip(done, ids):
+            req.output_ids.append(token)
+            outputs.append(self._emit(req, token, len(req.output_ids)))
+        return outputs
+
+    def _launch(self, reqs: list[Request]) -> InFlight | None:
+        """Decode one token for each request (one forward per sparse algorithm) and leave the
+        sampled tokens on the device: each request gets a PENDING output token."""
+        if not reqs:
+            return None
+        groups: dict[str, list[Request]] = {}
+        for req in reqs:
+            groups.setdefault(self._algorithm(req), []).append(req)
+        ordered: list[Request] = []
+        tokens = []
+        for algorithm, group in groups.items():
+            tokens.append(self._decode(algorithm, group))
+            ordered += group
+        index = []
+        for req in ordered:
+            req.num_cached_tokens = req.num_tokens
+            index.append(len(req.output_ids))
+            req.output_ids.append(PENDING)
+            if self._ends_by_length(req, len(req.output_ids)):
+                # finishes with this token whatever it is: free its pages and index row now
+                # (later launches reuse them after this one in stream order)
+                self.scheduler.remove(req)
+                self._release_index(req)
+        return InFlight.start(ordered, index, tokens[0] if len(tokens) == 1 else torch.cat(tokens))
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read back the launch in flight (waits for it) and process its tokens."""
+        launched, self._inflight = self._inflight, None
+        if launched is None:
+            return []
+        outputs = []
+        for req, i, token in zip(launched.reqs, launched.index, launched.read()):
+            if req.status is RequestStatus.FINISHED:  # aborted, or stopped one step earlier
+                continue
+            req.output_ids[i] = token
+            outputs.append(self._emit(req, token, i + 1))
+        return outputs
+
+    def _decode(self, algorithm: str, reqs: list[Request]) -> torch.Tensor:
+        """Launch one decode forward; [B] int64 sampled tokens on the device."""
         if self.hierarchy and algorithm != DENSE:
             self._maybe_rebalance()  # before build_batch: its flush carries the new rows
-        items = [BatchItem(r.request_id, r.num_tokens - 1, [r.last_token]) for r in reqs]
+        items = [BatchItem(r.request_id, r.num_tokens - 1, [max(r.last_token, 0)]) for r in reqs]
         batch = self.kv.build_batch(ForwardMode.DECODE, items, self.device)
+        if self._inflight is not None:  # tokens still on the device: gather them there
+            batch.input_ids = self._inflight.feed(reqs, batch.input_ids)
         if algorithm != DENSE:
             default = self.settings.sparse.budget_tokens
             budgets = [r.params.sparse_budget_tokens or default for r in reqs]
@@ -301,17 +359,14 @@ class LLMEngine:
                 algorithm=algorithm,
                 req_slots=self._tensor([self._req_slot[r.request_id] for r in reqs]),
                 seq_lens=self._tensor([r.num_tokens for r in reqs]),
-                page_table=torch.as_tensor(self.kv.batch_table(ids, layers)).to(self.device),
+                page_table=to_device(self.kv.batch_table(ids, layers), torch.int32, self.device),
                 budget_tokens=self._tensor(budgets),
                 uniform_budget=budgets[0] if len(set(budgets)) == 1 else None,
             )
             if self.hierarchy:
                 self.kv.attach(batch.sparse, ids)
         logits = self.runner.forward(batch)
-        for req in reqs:
-            req.num_cached_tokens = req.num_tokens
-        ids = sample(logits, [r.sampler for r in reqs])
-        return {r.request_id: t for r, t in zip(reqs, ids)}
+        return sample_on_device(logits, [r.sampler for r in reqs])
 
     def _maybe_rebalance(self) -> None:
         """Every REBALANCE_STEPS hierarchical decode steps: resize the requests' HBM buffers
@@ -322,16 +377,18 @@ class LLMEngine:
             self.kv.rebalance(lookups, hits)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+        return to_device(values, torch.int64, self.device)
 
     def _forward(self, mode: ForwardMode, items: list[BatchItem]) -> torch.Tensor:
         batch = self.kv.build_batch(mode, items, self.device)
         return self.runner.forward(batch)
 
-    def _append(self, req: Request, token: int) -> RequestOutput:
-        req.output_ids.append(token)
-        reason = self._finish_reason(req, token)
+    def _emit(self, req: Request, token: int, num_out: int) -> RequestOutput:
+        """The request's output token number `num_out` (already in output_ids) is `token`: stop
+        checks, finishing (output_ids cut back to num_out), and its RequestOutput."""
+        reason = self._finish_reason(req, token, num_out)
         if reason is not None:
+            del req.output_ids[num_out:]  # tokens launched after this one are dropped
             self._finish(req, reason)
         return RequestOutput(
             req.request_id,
@@ -342,7 +399,10 @@ class LLMEngine:
             len(req.prompt_ids),
         )
 
-    def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
+    def _ends_by_length(self, req: Request, num_out: int) -> bool:
+        return num_out >= req.params.max_tokens or len(req.prompt_ids) + num_out >= self.max_context
+
+    def _finish_reason(self, req: Request, token: int, num_out: int) -> FinishReason | None:
         p = req.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return FinishReason.STOP
@@ -350,7 +410,7 @@ class LLMEngine:
             req.stop_detokenizer.push([token])
             if req.stop_detokenizer.stopped:
                 return FinishReason.STOP
-        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_context:
+        if self._ends_by_length(req, num_out):
             return FinishReason.LENGTH
         return None
 

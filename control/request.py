@@ -8,6 +8,8 @@ from typing import Any
 
 from spinserve.runtime.sampling import SamplerState, SamplingParams
 
+PENDING = -1  # an output token sampled on the device and not read back yet (engine._resolve)
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -28,7 +30,7 @@ class Request:
     params: SamplingParams
     sampler: SamplerState
     arrival: int  # admission order, for FCFS
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # PENDING where still on the device
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = 0  # tokens whose K/V are in the pool
     finish_reason: FinishReason | None = None

@@ -85,14 +85,18 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
-    """logits [B, vocab] float32 -> one token id per row."""
-    greedy_ids = logits.argmax(-1).tolist()
-    out = []
+def sample_on_device(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """logits [B, vocab] float32 -> [B] int64 token ids on logits' device, with no host sync
+    (greedy rows: argmax; the others draw from their filtered distribution with their own
+    generator), so the next step can be launched before the tokens are read back."""
+    ids = logits.argmax(-1)
     for row, st in enumerate(states):
-        if st.params.greedy:
-            out.append(greedy_ids[row])
-            continue
-        probs = _filtered_probs(logits[row], st.params)
-        out.append(int(torch.multinomial(probs, 1, generator=st.generator)))
-    return out
+        if not st.params.greedy:
+            probs = _filtered_probs(logits[row], st.params)
+            ids[row : row + 1] = torch.multinomial(probs, 1, generator=st.generator)
+    return ids
+
+
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[int]:
+    """logits [B, vocab] float32 -> one token id per row (read back: synchronizes)."""
+    return sample_on_device(logits, states).tolist()

@@ -1,0 +1,58 @@
+"""The decode launch in flight: its sampled tokens stay on the device until the engine reads them.
+
+LLMEngine.step launches decode step N+1 before it reads step N's tokens back, so the host's
+control plane (scheduling, tables, batch building) runs while the GPU computes. Each request of
+a launch holds a PENDING output token until `read`; the next launch takes its input ids for
+those requests from `tokens` on the device (`feed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spinserve.runtime.transfer import to_device
+
+from .request import PENDING, Request
+
+
+@dataclass
+class InFlight:
+    reqs: list[Request]  # in launch order (the rows of `tokens`)
+    index: list[int]  # where each request's token goes in its output_ids
+    tokens: torch.Tensor  # [B] int64 sampled tokens, on the device
+    host: torch.Tensor  # [B] int64 host copy (pinned on CUDA), complete once `done` has passed
+    done: torch.cuda.Event | None  # recorded after the copy (None: CPU, already complete)
+    rows: dict[Request, int]  # request -> its row (requests hash by identity)
+
+    @classmethod
+    def start(cls, reqs: list[Request], index: list[int], tokens: torch.Tensor) -> InFlight:
+        """Queue the copy of `tokens` to the host behind the launch."""
+        host, done = tokens, None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return cls(reqs, index, tokens, host, done, {r: i for i, r in enumerate(reqs)})
+
+    def read(self) -> list[int]:
+        """The tokens on the host (waits for the launch to finish)."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+    def feed(self, reqs: list[Request], input_ids: torch.Tensor) -> torch.Tensor:
+        """[B] input ids of the next launch with every request whose last token is in flight
+        reading it from `tokens` (device ops only; the other rows keep input_ids')."""
+        src = []
+        for req in reqs:
+            row = self.rows.get(req, -1)
+            if row < 0 and req.output_ids and req.output_ids[-1] == PENDING:
+                raise AssertionError(f"{req.request_id}: its last token is in no launch")
+            src.append(row)
+        if max(src) < 0:
+            return input_ids
+        src_t = to_device(src, torch.int64, input_ids.device)
+        return torch.where(src_t >= 0, self.tokens[src_t.clamp(min=0)], input_ids)
