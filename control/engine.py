@@ -24,7 +24,7 @@ from spinserve.runtime.cuda_graph import SparseGraphSpec
 from spinserve.runtime.model_runner import DENSE, ModelRunner, kv_bytes_per_slot
 from spinserve.runtime.sampling import SamplerState, SamplingParams, sample, sample_on_device
 from spinserve.runtime.sparse import SparseParams
-from spinserve.runtime.transfer import to_device
+from spinserve.runtime.transfer import HostCopy, to_device
 
 from .hier_kv_manager import HierarchicalKVManager, manager_for_runner, mandatory_pages
 from .inflight import InFlight
@@ -121,6 +121,7 @@ class LLMEngine:
             if sparse_graphs is not None:
                 self.runner.capture_decode_graphs(max_requests, self.max_context, sparse_graphs)
         self._decode_steps = 0
+        self._row_stats: HostCopy | None = None  # hierarchy counters on their way to the host
         self.scheduler = Scheduler(settings.engine, self.kv)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -370,10 +371,15 @@ class LLMEngine:
 
     def _maybe_rebalance(self) -> None:
         """Every REBALANCE_STEPS hierarchical decode steps: resize the requests' HBM buffers
-        from their hit rates (one device-to-host read of the per-request counters)."""
+        from their hit rates. The per-request counters are copied to the host one step ahead,
+        so reading them never waits for the launch in flight."""
         self._decode_steps += 1
-        if self._decode_steps % REBALANCE_STEPS == 0:
-            lookups, hits = self.kv.hierarchy.row_stats.cpu().numpy().T
+        phase = self._decode_steps % REBALANCE_STEPS
+        if phase == REBALANCE_STEPS - 1:
+            self._row_stats = HostCopy(self.kv.hierarchy.row_stats)
+        elif phase == 0 and self._row_stats is not None:
+            lookups, hits = self._row_stats.wait().numpy().T
+            self._row_stats = None
             self.kv.rebalance(lookups, hits)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spinserve.runtime.transfer import to_device
+from spinserve.runtime.transfer import HostCopy, to_device
 
 from .request import PENDING, Request
 
@@ -22,26 +22,17 @@ class InFlight:
     reqs: list[Request]  # in launch order (the rows of `tokens`)
     index: list[int]  # where each request's token goes in its output_ids
     tokens: torch.Tensor  # [B] int64 sampled tokens, on the device
-    host: torch.Tensor  # [B] int64 host copy (pinned on CUDA), complete once `done` has passed
-    done: torch.cuda.Event | None  # recorded after the copy (None: CPU, already complete)
+    host: HostCopy  # of tokens
     rows: dict[Request, int]  # request -> its row (requests hash by identity)
 
     @classmethod
     def start(cls, reqs: list[Request], index: list[int], tokens: torch.Tensor) -> InFlight:
         """Queue the copy of `tokens` to the host behind the launch."""
-        host, done = tokens, None
-        if tokens.is_cuda:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        return cls(reqs, index, tokens, host, done, {r: i for i, r in enumerate(reqs)})
+        return cls(reqs, index, tokens, HostCopy(tokens), {r: i for i, r in enumerate(reqs)})
 
     def read(self) -> list[int]:
         """The tokens on the host (waits for the launch to finish)."""
-        if self.done is not None:
-            self.done.synchronize()
-        return self.host.tolist()
+        return self.host.wait().tolist()
 
     def feed(self, reqs: list[Request], input_ids: torch.Tensor) -> torch.Tensor:
         """[B] input ids of the next launch with every request whose last token is in flight

@@ -11,9 +11,13 @@ decode launches except the GPU's work:
   runner: ModelRunner.forward's graph path, DecodeGraphRunner.can_run + run, whose copy_from
     fills the static inputs; the runner has replay=False and a forward that returns a logits
     buffer, so nothing is replayed and the GPU stays idle;
-  sample (greedy argmax + one read-back) and the per-request token appends and stop checks.
-The engine reads sampled tokens back every step, so the GPU idles while this runs: the step
-costs GPU time + this time, and this / GPU time is the overhead.
+  sample (greedy argmax on the device) and the read-back of the previous launch's tokens with
+    their appends and stop checks.
+`measure` times this with the GPU idle (the control plane's CPU cost). The engine launches step
+N+1 before it reads step N's tokens (control/inflight.py), so on a GPU this runs while the
+previous step computes: `measure_overlap` gives every launch a GPU step of a known duration
+(torch.cuda._sleep, calibrated in the run) and reports the wall time per step over it, i.e. the
+control-plane time the GPU actually waits for, and the syncing CUDA calls of a steady step.
 
 Not real, and why it does not matter: page payloads. The manager's pools have the slot counts
 of the configuration but 32-byte pages (dtype uint8, head_dim 1): the control plane never
@@ -29,7 +33,10 @@ from __future__ import annotations
 
 import itertools
 import time
+import traceback
+import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,6 +82,7 @@ def bare_engine(settings: Settings, kv, runner, device: str, max_context: int) -
     eng.eos_ids = set()
     eng._requests, eng._req_slot, eng._free_req_slots = {}, {}, []
     eng._decode_steps = eng._num_preemptions = 0
+    eng._inflight = eng._row_stats = None
     eng._arrival = itertools.count()
     return eng
 
@@ -130,8 +138,9 @@ def _timed(obj, name: str, acc: dict[str, float], key: str) -> None:
     setattr(obj, name, wrapper)
 
 
-def build(cfg: ModelConfig, shape, device: str, max_context: int) -> LLMEngine:
-    """The bare engine running `shape.batch` hierarchical requests (module docstring)."""
+def build(cfg: ModelConfig, shape, device: str, max_context: int, gpu_cycles: int = 0) -> LLMEngine:
+    """The bare engine running `shape.batch` hierarchical requests (module docstring); each
+    launch keeps the GPU busy for `gpu_cycles` clock cycles (torch.cuda._sleep) when > 0."""
     kv = _manager(cfg, shape, device, max_context)
     settings = Settings(
         engine=EngineSettings(max_running_requests=shape.batch),
@@ -141,8 +150,14 @@ def build(cfg: ModelConfig, shape, device: str, max_context: int) -> LLMEngine:
     # [batch, vocab] float32: the "logits" every step samples from
     logits = torch.randn(shape.batch, cfg.vocab_size, device=device)
     spec = SparseGraphSpec("quest", shape.budget, 0, kv.hierarchy)
+
+    def forward(batch):
+        if gpu_cycles:
+            torch.cuda._sleep(gpu_cycles)
+        return logits[: batch.batch_size]
+
     graphs = DecodeGraphRunner(
-        lambda batch: logits[: batch.batch_size], cfg.num_layers, cfg.num_kv_heads,
+        forward, cfg.num_layers, cfg.num_kv_heads,
         shape.batch, -(-max_context // P), torch.device(device), spec, replay=False,
     )  # fmt: skip
     eng = bare_engine(settings, kv, LaunchlessRunner(graphs, shape.params), device, max_context)
@@ -169,7 +184,8 @@ def measure(cfg: ModelConfig, shape, device: str, steps: int, warmup: int = 10) 
         t = time.perf_counter()
         outs = eng.step()
         dt = time.perf_counter() - t
-        assert len(outs) == shape.batch and all(len(o.new_token_ids) == 1 for o in outs)
+        assert len(outs) == (shape.batch if i else 0)  # step 0 only launches
+        assert all(len(o.new_token_ids) == 1 for o in outs)
         if i >= warmup:
             parts["step"].append(dt * 1e6)
             parts["rest"].append((dt - sum(acc[k] for k in TIMED)) * 1e6)
@@ -186,4 +202,78 @@ def measure(cfg: ModelConfig, shape, device: str, steps: int, warmup: int = 10) 
         "parts_mean_us": {k: float(np.mean(v)) for k, v in parts.items()},
         "parts_median_us": {k: float(np.median(v)) for k, v in parts.items()},
         "host": _host_info(),
+    }
+
+
+def sleep_cycles_per_ms() -> float:
+    """torch.cuda._sleep's clock cycles per millisecond on this GPU (CUDA events)."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
+def _syncing_calls(eng: LLMEngine) -> list[str]:
+    """Where (our frames, innermost first) each syncing CUDA call of one engine step is."""
+    found: list[str] = []
+
+    def record(message, *args, **kw):
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if "site-packages" not in f.filename and "/lib/python" not in f.filename
+        ]
+        found.append(
+            f"{message} @ "
+            + " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])
+        )
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record  # restored by catch_warnings
+            eng.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return found
+
+
+def measure_overlap(
+    cfg: ModelConfig, shape, gpu_step_ms: float, steps: int, warmup: int = 10
+) -> dict:
+    """Steady-state wall time per engine step when every launch keeps the GPU busy for
+    gpu_step_ms (CUDA only): the GPU waits (wall - gpu_step_ms) per step for the control plane."""
+    per_ms = sleep_cycles_per_ms()
+    eng = build(
+        cfg, shape, "cuda", shape.context + warmup + steps + 4 * P, int(gpu_step_ms * per_ms)
+    )
+    for _ in range(warmup):
+        eng.step()
+    syncs = _syncing_calls(eng)
+    torch.cuda.synchronize()
+    walls = []
+    t_prev = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+        t = time.perf_counter()
+        walls.append((t - t_prev) * 1e3)
+        t_prev = t
+    eng._resolve()
+    wall = float(np.median(walls))
+    return {
+        "steps": steps,
+        "gpu_step_ms": gpu_step_ms,
+        "sleep_cycles_per_ms": per_ms,
+        "wall_ms": {
+            k.replace("_us", "_ms"): v / 1e3 for k, v in _stats([w * 1e3 for w in walls]).items()
+        },
+        "wall_median_ms": wall,
+        "exposed_ms": wall - gpu_step_ms,
+        "exposed_share": (wall - gpu_step_ms) / gpu_step_ms,
+        "syncing_calls_per_step": syncs,
     }
