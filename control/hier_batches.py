@@ -5,8 +5,6 @@ hierarchical decode batch, check_integrity. It reads the manager's state (`_held
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -15,31 +13,16 @@ from spinserve.runtime.lru import PAD
 
 from .kv_manager import BatchItem, build_forward_batch
 from .page_directory import NONE
-
-
-@dataclass(slots=True)
-class HeldRequest:
-    """One request's pages and budget; slot arrays are int32, -1 = none."""
-
-    row: int  # directory row (= sparse-index slot)
-    mandatory: int | None  # pages a sparse row may select per step; None = dense (all resident)
-    num_pages: int = 0  # logical pages allocated
-    width: int = 0  # row width target (mandatory + buffer) once hierarchical
-    hierarchical: bool = False
-    rows: np.ndarray | None = None  # [LHs, w] HBM slots of the sparse rows (unordered)
-    tail: np.ndarray | None = None  # [LH] HBM slots of the tail page
-    reclaimable: int = 0  # buffer pages per row above mandatory (HBM a shrink would return)
-    columns: np.ndarray | None = None  # [n, c] cached HBM slots of the first c (layer, head)
-    # columns of its first n pages, c <= the dense layers' columns (those pages never move)
-    seen: tuple[int, int] | None = None  # (lookups, hits) of its row at the last rebalance
-    prev: tuple[int, float] = (-1, float("nan"))  # (buffer, hit rate) at the last rebalance
+from .working_sets import HeldRequest
 
 
 class HierarchyBatches:
     """Mixin of HierarchicalKVManager: tables, batches and accounting."""
 
     # ---- tables and batches ---------------------------------------------------------------
-    def _resident(self, held: HeldRequest, pages: np.ndarray, columns: int | None = None) -> np.ndarray:
+    def _resident(
+        self, held: HeldRequest, pages: np.ndarray, columns: int | None = None
+    ) -> np.ndarray:
         """[n, LH] int32 HBM slots of pages the control plane placed (resident requests, tail
         pages, dense layers), or their first `columns` (layer, kv_head) columns; AssertionError
         if one is not resident."""
@@ -64,7 +47,7 @@ class HierarchyBatches:
         n_max = max(self._held[r].num_pages for r in request_ids)
         L, KV = self.num_layers if layers is None else layers, self.num_kv_heads
         out = np.zeros((L, len(request_ids), KV, n_max), np.int32)
-        for b, r in enumerate(request_ids):
+        for b, r in enumerate(request_ids if L else ()):
             n = self._held[r].num_pages
             slots = self._columns(self._held[r], L * KV)
             out[:, b, :, :n] = slots.T.reshape(L, KV, n)
@@ -103,7 +86,9 @@ class HierarchyBatches:
             first_page_of=lambda rid, n: n - 1 if self._held[rid].hierarchical else 0,
         )
 
-    def _decode_batch(self, items: list[BatchItem], helds: list[HeldRequest], device) -> ForwardBatch:
+    def _decode_batch(
+        self, items: list[BatchItem], helds: list[HeldRequest], device
+    ) -> ForwardBatch:
         """build_forward_batch for one token per hierarchical request, vectorised: every slot
         it needs is the request's tail page's (appended to, and the only page listed)."""
         B, L, KV, P = len(items), self.num_layers, self.num_kv_heads, self.page_size
@@ -164,16 +149,19 @@ class HierarchyBatches:
                 expect = static.ravel()
             if expect.size != owned.size or not np.array_equal(np.sort(expect), owned):
                 raise AssertionError(f"{rid}: owned HBM slots != resident + rows + tail")
-        reclaimable = sum(
-            max(0, h.rows.shape[1] - h.mandatory) * self.LHs
-            for h in self._held.values()
-            if h.hierarchical
-        )
-        if reclaimable != self._reclaimable:
-            raise AssertionError(f"reclaimable HBM {self._reclaimable} != {reclaimable}")
-        idle = np.ones(self.config.max_requests, bool)
-        idle[held_rows] = False
-        if (self.row_slots_cpu[idle] != PAD).any():
-            raise AssertionError("an idle request row lists HBM slots")
-        if on_device and not np.array_equal(self.row_slots_gpu.cpu().numpy(), self.row_slots_cpu):
+        self._check_rows(on_device)
+
+    def _check_rows(self, on_device: bool) -> None:
+        """row_slots_cpu lists exactly each hierarchical request's rows (-1 elsewhere), the
+        device copy equals it (on_device), the reclaimable total is right."""
+        sets, hier = self.sets, [h for h in self._held.values() if h.hierarchical]
+        reclaimable = sum(max(0, h.rows.shape[1] - h.mandatory) * self.LHs for h in hier)
+        if reclaimable != sets.reclaimable:
+            raise AssertionError(f"reclaimable HBM {sets.reclaimable} != {reclaimable}")
+        expect = np.full_like(sets.row_slots_cpu, PAD)
+        for h in hier:
+            expect[h.row, self.lh0 :, : h.rows.shape[1]] = h.rows
+        if not np.array_equal(sets.row_slots_cpu, expect):
+            raise AssertionError("row_slots_cpu differs from the requests' rows")
+        if on_device and not np.array_equal(sets.row_slots_gpu.cpu().numpy(), expect):
             raise AssertionError("device row_slots differ from the CPU mirror (flush missing?)")

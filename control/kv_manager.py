@@ -73,6 +73,17 @@ class PagedKVManager:
         self._tables[request_id] = table
         self._num_pages[request_id] = used + extra
 
+    def ensure_decode(self, request_ids: list[str], num_tokens: list[int]) -> bool:
+        """ensure(r, n) for each pair in order if the pool holds every page this adds (then
+        nobody runs short: the scheduler preempts nobody); False, nothing changed, otherwise."""
+        extra = [self.extra_pages(r, n) for r, n in zip(request_ids, num_tokens)]
+        if sum(extra) * self.slots_per_page > self.allocator.num_free:
+            return False
+        for r, n, e in zip(request_ids, num_tokens, extra):
+            if e or r not in self._tables:
+                self.ensure(r, n)
+        return True
+
     def free(self, request_id: str) -> None:
         table = self._tables.pop(request_id, None)
         used = self._num_pages.pop(request_id, 0)

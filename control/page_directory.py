@@ -255,20 +255,32 @@ class PageDirectory:
         return hbm
 
     # ---- HBM ownership and entries ------------------------------------------------------
-    def own_hbm(self, reqs: int | np.ndarray, nums: int | np.ndarray) -> np.ndarray:
+    def own_hbm(
+        self, reqs: int | np.ndarray, nums: int | np.ndarray, slots: np.ndarray | None = None
+    ) -> np.ndarray:
         """Give each request in `reqs` `nums` fresh HBM slots (its budget grows): the slots,
-        grouped by request in order. OutOfSlotsError (nothing changed) if the pool is short."""
+        grouped by request in order. OutOfSlotsError (nothing changed) if the pool is short.
+        slots: [sum(nums)] slots to own instead, out of the pool and owned by no request (taken
+        with hbm_slots.alloc or kept by disown_hbm(keep=True))."""
         reqs = np.atleast_1d(np.asarray(reqs, dtype=np.int64))
         nums = np.broadcast_to(np.asarray(nums, dtype=np.int64), reqs.shape)
         if not self.active[reqs].all():
             raise ValueError(f"own_hbm: request slot(s) {reqs[~self.active[reqs]]} not in use")
-        slots = self.hbm_slots.alloc(int(nums.sum()))
+        if slots is None:
+            slots = self.hbm_slots.alloc(int(nums.sum()))
+        elif (
+            slots.size != nums.sum()
+            or (self.hbm_owner[slots] != NONE).any()
+            or self.hbm_slots.is_free(slots).any()
+        ):
+            raise ValueError("own_hbm: given slots are owned, free, or not one per request slot")
         self.hbm_owner[slots] = np.repeat(reqs, nums)
         return slots
 
-    def disown_hbm(self, reqs: int | np.ndarray, slots: np.ndarray) -> None:
+    def disown_hbm(self, reqs: int | np.ndarray, slots: np.ndarray, keep: bool = False) -> None:
         """Take HBM slots back (budgets shrink); `reqs` = owner of each slot (or one for all).
-        Entries pointing at them are cleared here and, at the next flush, on the device."""
+        Entries pointing at them are cleared here and, at the next flush, on the device.
+        keep: the slots stay out of the pool, for the caller to own_hbm(slots=) right away."""
         slots = np.asarray(slots, dtype=np.int64).ravel()
         if (self.hbm_owner[slots] != np.broadcast_to(reqs, slots.shape)).any():
             raise ValueError(f"disown_hbm: slot(s) not owned by request slot(s) {reqs}")
@@ -278,7 +290,8 @@ class PageDirectory:
         self.slot_entry_cpu[slots] = NONE
         self._dirty += [entries, self.rev_offset + slots]
         self.hbm_owner[slots] = NONE
-        self.hbm_slots.free(slots)
+        if not keep:
+            self.hbm_slots.free(slots)
         self._cancel_handed(slots)
         self._moved.append(slots)
 

@@ -62,6 +62,11 @@ class Scheduler:
         return victim
 
     def _schedule_decode(self, out: SchedulerOutput) -> None:
+        decoding = [r for r in self.running if not r.in_prefill]
+        ids = [r.request_id for r in decoding]
+        if self.kv.ensure_decode(ids, [r.num_tokens for r in decoding]):  # room for everyone
+            out.decode += decoding
+            return
         preempted: set[str] = set()  # request ids preempted by this call
         for req in list(self.running):
             if req.in_prefill or req.request_id in preempted:

@@ -88,7 +88,7 @@ def test_prefill_offload_then_working_set_and_tail_rotation():
             want = h.hbm[table[lh // KV, lh % KV, page]]
             assert torch.equal(h.host.pool_cpu[host[page, lh]], want)
     # sparse rows (layer 1) keep their newest 4 full pages (2..5); the partial page 6 is the tail
-    rows = kv.row_slots_cpu[row]
+    rows = kv.sets.row_slots_cpu[row]
     assert (rows[:2] == PAD).all()  # layer 0 is dense: static, no rows
     for lh in (2, 3):
         assert sorted(rows[lh, :4].tolist()) == sorted(table[1, lh - 2, 2:6].tolist())
@@ -106,7 +106,7 @@ def test_prefill_offload_then_working_set_and_tail_rotation():
     free_before = kv.hbm_slots.num_free
     kv.ensure("a", 57)
     assert kv.hbm_slots.num_free == free_before - LH + 2  # new tail 4, one row slot x2 back
-    rows = kv.row_slots_cpu[row]
+    rows = kv.sets.row_slots_cpu[row]
     for lh in (2, 3):
         assert tail6[lh - 2] in rows[lh, :4].tolist()
         assert table[1, lh - 2, 2] not in rows[lh].tolist()  # page 2: oldest, dropped
@@ -143,7 +143,7 @@ def test_hbm_pressure_shrinks_buffers_before_failing():
     h.add("b", 2, None)
     h.kv.ensure("b", 88)  # 11 pages = 44 slots: 32 free, a's buffers give 12
     a = h.kv._held["a"]
-    assert a.width == 3 and h.kv.row_slots_cpu[a.row, :, :3].min() > 0
+    assert a.width == 3 and h.kv.sets.row_slots_cpu[a.row, :, :3].min() > 0
     assert h.kv.free_pages == 1  # a's last buffer page above its mandatory 2
     h.kv.ensure("b", 96)
     assert a.width == 2 and h.kv.free_pages == 0
@@ -168,14 +168,14 @@ def test_rebalance_grows_the_missing_request_from_free_hbm():
     assert (a.width, b.width) == (5, 5) and a.seen == (7, 5)  # both miss (unknown): explore
     for held in (a, b):  # back to the initial widths
         held.width = 4
-        h.kv._trim(held, 4, by_age=True)
+        h.kv.sets.trim(held, 4, by_age=True)
         held.prev = (-1, float("nan"))
     lookups[:2], hits[:2] = 107, (55, 105)  # a misses half its pages, b never misses
     h.kv.rebalance(lookups, hits)
     assert (a.width, b.width) == (5, 4) and np.array_equal(b.rows, b_rows)
     new = a.rows[:, 4]  # one empty slot per row, oldest age: the next victims
     assert (h.kv.lru.ages(torch.from_numpy(new)) == 255).all()
-    assert np.array_equal(h.kv.row_slots_cpu[a.row, :, :5], a.rows)
+    assert np.array_equal(h.kv.sets.row_slots_cpu[a.row, :, :5], a.rows)
     h.kv.check_integrity(on_device=True)
     lookups[:2], hits[:2] = 207, (155, 205)  # a's extra page raised its hit rate: grow again
     h.kv.rebalance(lookups, hits)
