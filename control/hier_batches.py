@@ -1,7 +1,7 @@
 """The batch-building and accounting half of HierarchicalKVManager (control/hier_kv_manager.py,
 split off for size): HBM slot lookups for ForwardBatches and sparse page tables, the vectorised
-hierarchical decode batch, check_integrity. It reads the manager's state (`_held`, `dir`, `LH`,
-`lh0`, ...) and is not used on its own."""
+hierarchical decode batch, counters (stats, metrics) and check_integrity. It reads the
+manager's state (`_held`, `dir`, `sets`, `LH`, `lh0`, ...) and is not used on its own."""
 
 from __future__ import annotations
 
@@ -126,6 +126,31 @@ class HierarchyBatches:
         sparse.hierarchy = self.hierarchy
 
     # ---- accounting -------------------------------------------------------------------------
+    @property
+    def stats(self) -> torch.Tensor:
+        """[5] int64 cumulative counters (runtime.hierarchy LOOKUPS, HITS, FETCHED, ...)."""
+        return self.hierarchy.stats
+
+    def metrics(self) -> dict[str, float]:
+        """engine.stats() keys of control/metrics.py (reads the device counters: one sync, so
+        call it from a periodic snapshot, not per step). hit_rate covers the calls' interval."""
+        lookups, hits, fetched, _, offloaded = self.stats.tolist()
+        last = getattr(self, "_last_counts", (0, 0))
+        self._last_counts = (lookups, hits)
+        window = lookups - last[0]
+        slot_bytes = self.hbm_pool[0].numel() * self.hbm_pool.element_size()
+        return {
+            "hbm_pages_used": self.hbm_slots.num_used // self.LH,
+            "hbm_pages_total": self.hbm_slots.capacity // self.LH,
+            "host_pages_used": self.host.allocator.num_used // self.LH,
+            "host_pages_total": self.host.allocator.capacity // self.LH,
+            "hit_rate": (hits - last[1]) / window if window else 1.0,
+            "page_hits": hits,
+            "page_lookups": lookups,
+            "pcie_bytes_fetched": fetched * slot_bytes,
+            "pcie_bytes_offloaded": offloaded * slot_bytes,
+        }
+
     def check_integrity(self, on_device: bool = False) -> None:
         """Directory invariants, plus: each request owns exactly its resident slots, rows and
         tail; the device row_slots mirror the CPU ones; idle rows own nothing.

@@ -357,31 +357,6 @@ class HierarchicalKVManager(HierarchyBatches):
     def _t(self, a: np.ndarray) -> torch.Tensor:
         return to_device(a, self.device)
 
-    @property
-    def stats(self) -> torch.Tensor:
-        """[5] int64 cumulative counters (runtime.hierarchy LOOKUPS, HITS, FETCHED, ...)."""
-        return self.hierarchy.stats
-
-    def metrics(self) -> dict[str, float]:
-        """engine.stats() keys of control/metrics.py (reads the device counters: one sync, so
-        call it from a periodic snapshot, not per step). hit_rate covers the calls' interval."""
-        lookups, hits, fetched, _, offloaded = self.stats.tolist()
-        last = getattr(self, "_last_counts", (0, 0))
-        self._last_counts = (lookups, hits)
-        window = lookups - last[0]
-        slot_bytes = self.hbm_pool[0].numel() * self.hbm_pool.element_size()
-        return {
-            "hbm_pages_used": self.hbm_slots.num_used // self.LH,
-            "hbm_pages_total": self.hbm_slots.capacity // self.LH,
-            "host_pages_used": self.host.allocator.num_used // self.LH,
-            "host_pages_total": self.host.allocator.capacity // self.LH,
-            "hit_rate": (hits - last[1]) / window if window else 1.0,
-            "page_hits": hits,
-            "page_lookups": lookups,
-            "pcie_bytes_fetched": fetched * slot_bytes,
-            "pcie_bytes_offloaded": offloaded * slot_bytes,
-        }
-
 
 def manager_for_runner(
     runner: ModelRunner,

@@ -1,5 +1,5 @@
-"""Accounting of the two-level page metadata (control/page_directory.py): table sizes and the
-integrity checker.
+"""Layout and accounting of the two-level page metadata (control/page_directory.py): its
+configuration and sizes (DirectoryConfig), table bytes and the integrity checker.
 
 `table_bytes` sizes the tables against a flat one (DESIGN.md "Two-level metadata").
 `check_directory` verifies what PageDirectory's docstring promises: every segment, host slot and
@@ -12,6 +12,7 @@ run it while idle.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,10 +20,44 @@ import numpy as np
 from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator, duplicates
 
 if TYPE_CHECKING:
-    from spinserve.control.page_directory import DirectoryConfig, PageDirectory
+    from spinserve.control.page_directory import PageDirectory
 
 NONE = -1  # page_directory.NONE (that module imports this one)
 ENTRY_BYTES = 4  # int32 table entries
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    max_requests: int  # request slots = level-1 rows
+    max_pages_per_request: int  # ceil(max_context / P)
+    segment_pages: int  # S: logical pages per level-2 segment
+    num_layer_heads: int  # LH = num_layers * num_kv_heads
+    num_segments: int  # level-2 pool size, including the dummy segment 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_pages_per_request", "segment_pages", "num_layer_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DirectoryConfig.{name} must be >= 1")
+        if self.num_segments < 2:
+            raise ValueError("DirectoryConfig.num_segments must be >= 2 (segment 0 is the dummy)")
+        if self.dir_size + self.l2_size >= 2**30:
+            raise ValueError("page tables exceed int32 indexing: use fewer/smaller segments")
+
+    @property
+    def max_segments(self) -> int:
+        return -(-self.max_pages_per_request // self.segment_pages)
+
+    @property
+    def dir_size(self) -> int:
+        return self.max_requests * self.max_segments
+
+    @property
+    def segment_entries(self) -> int:
+        return self.segment_pages * self.num_layer_heads
+
+    @property
+    def l2_size(self) -> int:
+        return self.num_segments * self.segment_entries
 
 
 def table_bytes(c: DirectoryConfig, live_segments: int) -> dict[str, int]:

@@ -20,9 +20,9 @@ All three int32 tables form one flat array `meta` = [dir | hbm_l2 | slot_entry |
 the CPU (`meta_cpu`) and mirrored on the device (`meta_gpu`).
 
 Data flow per step: the control plane mutates `meta_cpu` (numpy, numba for ragged loops) and
-records the indices it touched; `flush()` packs (index, value) pairs plus the HBM slots it
-re-pointed or took back into one pinned staging buffer, makes ONE non-blocking copy, clears on
-the device the entries those slots held there, then scatters the pairs. The decode graph also
+logs the indices it touched and the HBM slots it re-pointed or took back (`log`,
+control/table_upload.py); `flush()` uploads them in ONE non-blocking copy, clears on the device
+the entries those slots held there, then scatters the values. The decode graph also
 changes the device copy (installs a miss of entry e into victim v: meta[slot_entry[v]] = -1,
 meta[e] = v, slot_entry[v] = e); the control plane only writes entries of pages it creates, of
 fresh segments and of slots it re-points, so neither side clobbers the other.
@@ -34,51 +34,22 @@ each segment in use sits in exactly one directory row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 import torch
 
 from spinserve.control.host_pool import MappedHostBuffer
-from spinserve.control.page_accounting import ENTRY_BYTES, check_directory, table_bytes
+from spinserve.control.page_accounting import (
+    ENTRY_BYTES,
+    DirectoryConfig,
+    check_directory,
+    table_bytes,
+)
 from spinserve.control.slot_allocator import DUMMY_SLOT, SlotAllocator, duplicates
+from spinserve.control.table_upload import TableUpload
 
 NONE = -1  # "no segment" / "no slot" in every table
-
-
-@dataclass(frozen=True, slots=True)
-class DirectoryConfig:
-    max_requests: int  # request slots = level-1 rows
-    max_pages_per_request: int  # ceil(max_context / P)
-    segment_pages: int  # S: logical pages per level-2 segment
-    num_layer_heads: int  # LH = num_layers * num_kv_heads
-    num_segments: int  # level-2 pool size, including the dummy segment 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_requests", "max_pages_per_request", "segment_pages", "num_layer_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DirectoryConfig.{name} must be >= 1")
-        if self.num_segments < 2:
-            raise ValueError("DirectoryConfig.num_segments must be >= 2 (segment 0 is the dummy)")
-        if self.dir_size + self.l2_size >= 2**30:
-            raise ValueError("page tables exceed int32 indexing: use fewer/smaller segments")
-
-    @property
-    def max_segments(self) -> int:
-        return -(-self.max_pages_per_request // self.segment_pages)
-
-    @property
-    def dir_size(self) -> int:
-        return self.max_requests * self.max_segments
-
-    @property
-    def segment_entries(self) -> int:
-        return self.segment_pages * self.num_layer_heads
-
-    @property
-    def l2_size(self) -> int:
-        return self.num_segments * self.segment_entries
+__all__ = ["NONE", "DirectoryConfig", "PageDirectory"]
 
 
 @numba.njit(cache=True)
@@ -151,16 +122,11 @@ class PageDirectory:
             c.num_segments, c.segment_pages, c.num_layer_heads
         )
         self.slot_entry_gpu = self.meta_gpu[self.rev_offset : self.spare]
-        self._dirty: list[np.ndarray] = []  # meta indices changed since the last flush
-        self._moved: list[np.ndarray] = []  # HBM slots re-pointed or taken back since then
+        self.log = TableUpload(self.meta_gpu, self.slot_entry_gpu, self.spare)  # changes
         num_hbm = self.hbm_owner.size
         self._fresh: list[np.ndarray] = []  # HBM slots given entries (set_hbm) since then
         self._handed: list[np.ndarray] = []  # hand_over slots the next flush forgets
         self._handed_mask = np.zeros(num_hbm, bool)  # [num_hbm_slots] still to be forgotten
-        # two pinned int32 upload buffers, used in turn: [idx | values | freed HBM slots]
-        self._staging = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
-        self._staging_events: list[torch.cuda.Event | None] = [None, None]
-        self._flushes = 0
 
     def _init_host_table(self, use_cuda: bool | None) -> None:
         c = self.config
@@ -210,7 +176,7 @@ class PageDirectory:
         host = self.host_slots.alloc(num_host).reshape(-1, c.num_layer_heads)
         self.hbm_l2_cpu[segs] = NONE
         self.host_l2_cpu[segs] = NONE
-        self._dirty.append(_fill_directory(self.dir_cpu, reqs, old_segs, new_segs, segs))
+        self.log.dirty.append(_fill_directory(self.dir_cpu, reqs, old_segs, new_segs, segs))
         _fill_host_pages(self.dir_cpu, self.host_l2_cpu, reqs, old, new, host, c.segment_pages)
         self.num_pages[reqs] = new
         self._mark_segments_dirty(segs)
@@ -246,10 +212,10 @@ class PageDirectory:
         self.slot_entry_cpu[hbm] = NONE
         self.hbm_slots.free(hbm)
         self._cancel_handed(hbm)
-        self._moved.append(hbm)
-        self._dirty.append(self.rev_offset + hbm.astype(np.int64))
+        self.log.moved.append(hbm)
+        self.log.dirty.append(self.rev_offset + hbm.astype(np.int64))
         row[:] = NONE
-        self._dirty.append(req * self.config.max_segments + np.arange(self.config.max_segments))
+        self.log.dirty.append(req * self.config.max_segments + np.arange(self.config.max_segments))
         self.active[req] = False
         self.num_pages[req] = 0
         return hbm
@@ -288,12 +254,12 @@ class PageDirectory:
         entries = entries[entries != NONE]
         self.meta_cpu[entries] = NONE
         self.slot_entry_cpu[slots] = NONE
-        self._dirty += [entries, self.rev_offset + slots]
+        self.log.dirty += [entries, self.rev_offset + slots]
         self.hbm_owner[slots] = NONE
         if not keep:
             self.hbm_slots.free(slots)
         self._cancel_handed(slots)
-        self._moved.append(slots)
+        self.log.moved.append(slots)
 
     def hand_over(self, slots: np.ndarray) -> None:
         """HBM slots holding pages become the decode graph's (its LRU rows): the CPU tables
@@ -359,8 +325,8 @@ class PageDirectory:
         self.slot_entry_cpu[old] = NONE
         self.meta_cpu[flat] = slots
         self.slot_entry_cpu[new] = flat[resident]
-        self._dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
-        self._moved += [old, new]
+        self.log.dirty += [flat.ravel(), self.rev_offset + old, self.rev_offset + new]
+        self.log.moved += [old, new]
         self._fresh.append(new)
 
     def hbm_entries(
@@ -383,55 +349,21 @@ class PageDirectory:
         if segs.size:
             n = self.config.segment_entries
             base = self.config.dir_size + segs.astype(np.int64) * n
-            self._dirty.append((base[:, None] + np.arange(n)).ravel())
+            self.log.dirty.append((base[:, None] + np.arange(n)).ravel())
 
     # ---- device sync ----------------------------------------------------------------------
     def flush(self) -> int:
-        """Push the changes since the last flush to `meta_gpu` with ONE non-blocking copy of a
-        pinned staging buffer [dirty indices | their values | moved HBM slots]; on the device,
-        first clear the entries the moved slots hold there, then scatter the values.
-        Returns the number of values written."""
-        empty = np.zeros(0, dtype=np.int32)
-        # repeated indices are harmless: every copy of one index carries the same value
-        idx = np.concatenate(self._dirty).astype(np.int32) if self._dirty else empty
-        moved = np.concatenate(self._moved).astype(np.int32) if self._moved else empty
-        self._dirty, self._moved = [], []
+        """Push the changes since the last flush to `meta_gpu` (TableUpload: ONE non-blocking
+        copy; on the device the entries moved slots hold are cleared, then the values
+        scattered), then forget the deferred hand-overs. Returns the number of values written."""
+        idx, moved = self.log.take()
         values = self.meta_cpu[idx]  # read before the deferred hand-overs forget entries:
         for slots in self._handed:  # the device gets the state they were handed over in
             self._forget(slots[self._handed_mask[slots]])
             self._handed_mask[slots] = False
         self._fresh = []
         self._handed = []
-        n, f = idx.size, moved.size
-        if n + f == 0:
-            return 0
-        staging = self._staging_buffer(2 * n + f)
-        host = staging.numpy()
-        host[:n] = idx
-        host[n : 2 * n] = values
-        host[2 * n : 2 * n + f] = moved
-        upload = staging[: 2 * n + f].to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            self._staging_events[self._flushes % 2] = torch.cuda.Event()
-            self._staging_events[self._flushes % 2].record()
-        self._flushes += 1
-        if f:  # the graph may have installed these slots anywhere: follow the device reverse map
-            held = self.slot_entry_gpu.index_select(0, upload[2 * n :].long()).long()
-            self.meta_gpu.index_fill_(0, torch.where(held >= 0, held, self.spare), NONE)
-        if n:
-            self.meta_gpu.index_copy_(0, upload[:n].long(), upload[n : 2 * n])
-        return n
-
-    def _staging_buffer(self, size: int) -> torch.Tensor:
-        """One of two pinned int32 buffers (used in turn), reused only once its upload is done."""
-        turn = self._flushes % 2  # flush() advances _flushes after recording the event
-        if self._staging_events[turn] is not None:
-            self._staging_events[turn].synchronize()  # two flushes ago: long done in practice
-        if self._staging[turn].numel() < size:
-            cap = max(size, 2 * self._staging[turn].numel(), 1024)
-            pin = self.device.type == "cuda"
-            self._staging[turn] = torch.empty(cap, dtype=torch.int32, pin_memory=pin)
-        return self._staging[turn]
+        return self.log.push(idx, values, moved)
 
     # ---- accounting ---------------------------------------------------------------------------
     def table_bytes(self) -> dict[str, int]:

@@ -85,7 +85,7 @@ def pending(kv) -> tuple:
     if not hasattr(kv, "dir"):
         return ()
     d = kv.dir
-    return tuple(np.unique(np.concatenate(x)) if x else None for x in (d._dirty, d._moved))
+    return tuple(np.unique(np.concatenate(x)) if x else None for x in (d.log.dirty, d.log.moved))
 
 
 def _age(kv, decoding: list[Request], rng: random.Random) -> None:

@@ -394,9 +394,9 @@ def test_hand_over_of_flushed_slots_waits_for_the_next_flush(device):
     slots = d.own_hbm(0, 6).reshape(3, 2)
     d.set_hbm([0, 0, 0], [0, 1, 2], slots)
     d.flush()
-    flushes = d._flushes
+    flushes = d.log.flushes
     d.hand_over(slots[:2].ravel())  # pages 0 and 1
-    assert d._flushes == flushes  # deferred: no upload
+    assert d.log.flushes == flushes  # deferred: no upload
     assert d.hbm_entries(0, [0]).tolist() == [slots[0].tolist()]  # the CPU still knows them
     d.disown_hbm(0, slots[1])  # page 1's slots go back ...
     again = d.own_hbm(1, 2)  # ... and may serve another request's page at once
