@@ -10,6 +10,7 @@ import torch
 
 from spinserve.runtime.batch import ForwardBatch, ForwardMode, SparseDecode
 from spinserve.runtime.lru import PAD
+from spinserve.runtime.transfer import to_device
 
 from .kv_manager import BatchItem, build_forward_batch
 from .page_directory import NONE
@@ -103,7 +104,7 @@ class HierarchyBatches:
         per_layer = np.ascontiguousarray(tails.reshape(B, L, KV).transpose(1, 0, 2))  # [L, B, KV]
 
         def t(a, dtype):
-            return torch.as_tensor(a, dtype=dtype).to(device)
+            return to_device(a, dtype, device)  # no host sync: a launch may be in flight
 
         rows = np.arange(B * KV + 1)
         return ForwardBatch(

@@ -39,6 +39,7 @@ import torch
 from spinserve.runtime.hierarchy import HierarchicalKV, HierarchyTables, TableLayout
 from spinserve.runtime.lru import BucketedLRU
 from spinserve.runtime.sparse import SparseParams
+from spinserve.runtime.transfer import to_device
 
 from .budgets import BudgetPolicy, initial_buffer
 from .hier_batches import HierarchyBatches
@@ -46,7 +47,7 @@ from .host_pool import HostPagePool
 from .kv_manager import BatchItem
 from .page_directory import NONE, DirectoryConfig, PageDirectory
 from .slot_allocator import OutOfSlotsError, SlotAllocator
-from .working_sets import HeldRequest, WorkingSets, to_device
+from .working_sets import HeldRequest, WorkingSets
 
 if TYPE_CHECKING:
     from spinserve.configs.settings import CacheSettings
@@ -226,7 +227,7 @@ class HierarchicalKVManager(HierarchyBatches):
             return
         self.sets.release(held)
         freed = self.dir.release(held.row)
-        self.lru.mark_empty(torch.from_numpy(freed).to(self.device))
+        self.lru.mark_empty(self._t(freed))  # no sync: a launch may be in flight
         self._free_rows.append(held.row)
 
     def _add_resident(self, held: HeldRequest, extra: int) -> None:
@@ -355,7 +356,8 @@ class HierarchicalKVManager(HierarchyBatches):
         self.sets.flush()
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
-        return to_device(a, self.device)
+        """[n] int32 on the device without a host sync (runtime/transfer.py)."""
+        return to_device(a, torch.int32, self.device)
 
 
 def manager_for_runner(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from spinserve.runtime.batch import ForwardBatch, ForwardMode
+from spinserve.runtime.transfer import to_device
 
 from .slot_allocator import SlotAllocator, duplicates
 
@@ -179,7 +180,7 @@ def build_forward_batch(
     kv_indptr = np.concatenate([[0], np.cumsum(np.repeat(pages_per_req, KV))])
 
     def t(a, dtype):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
+        return to_device(a, dtype, device)  # no host sync: a launch may be in flight
 
     return ForwardBatch(
         mode=mode,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from spinserve.runtime.lru import PAD, BucketedLRU
+from spinserve.runtime.transfer import to_device
 
 from .budgets import BudgetPolicy, Observation, hit_rate, resize_buffers
 from .page_directory import PageDirectory
@@ -38,20 +39,24 @@ def _join_row(rows, tail, ages, joined, dropped, mirror):  # pragma: no cover - 
     joined [R, w] without each row's oldest slot (the first of the highest ages), dropped.
     mirror [R, >= w + 1]: its first columns become joined too."""
     R, w = rows.shape
+    n = joined.shape[1]
     for r in range(R):
         oldest = w + 1  # none
         if dropped.size:
-            oldest_age = -1
-            for c in range(w + 1):
-                a = int(ages[rows[r, c] if c < w else tail[r]])
-                if a > oldest_age:
-                    oldest, oldest_age = c, a
+            first, first_age = 0, -1
+            for c in range(w):
+                a = int(ages[rows[r, c]])
+                if a > first_age:
+                    first, first_age = c, a
+            oldest = w if int(ages[tail[r]]) > first_age else first
             dropped[r] = rows[r, oldest] if oldest < w else tail[r]
-        k = 0
-        for c in range(w + 1):
-            if c != oldest:
-                joined[r, k] = mirror[r, k] = rows[r, c] if c < w else tail[r]
-                k += 1
+        k = min(oldest, w)
+        joined[r, :k] = rows[r, :k]
+        if oldest < w:
+            joined[r, oldest : w - 1] = rows[r, oldest + 1 :]
+        if oldest != w:  # the tail stays
+            joined[r, n - 1] = tail[r]
+        mirror[r, :n] = joined[r]
 
 
 @dataclass(slots=True)
@@ -70,15 +75,6 @@ class HeldRequest:
     # columns of its first n pages, c <= the dense layers' columns (those pages never move)
     seen: tuple[int, int] | None = None  # (lookups, hits) of its row at the last rebalance
     prev: tuple[int, float] = (-1, float("nan"))  # (buffer, hit rate) at the last rebalance
-
-
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on the device without a sync: through pinned memory on CUDA (torch's
-    pinned allocator keeps the block until the copy has run)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class WorkingSets:
@@ -132,7 +128,7 @@ class WorkingSets:
         first): they count as touched now, the oldest columns beyond the width go, the rest
         become the decode graph's (hand_over)."""
         held.rows = rows
-        self.lru.touch(to_device(rows, self.device))
+        self.lru.touch(to_device(rows, torch.int64, self.device))
         self.trim(held, held.width, by_age=False)
         self.dir.hand_over(held.rows)
 
@@ -190,7 +186,7 @@ class WorkingSets:
         if add <= 0 or not self.dir.hbm_slots.can_alloc(add * self.LHs):
             return
         slots = self.dir.own_hbm(held.row, add * self.LHs).reshape(self.LHs, add)
-        self.lru.mark_empty(to_device(slots, self.device))
+        self.lru.mark_empty(to_device(slots, torch.int64, self.device))
         held.rows = np.concatenate([held.rows, slots.astype(np.int32)], axis=1)
         self.trim(held, held.width, by_age=False)  # nothing to drop: refreshes the mirror
 
@@ -288,7 +284,9 @@ class WorkingSets:
         staging = staging.view(idx.size, self.LH, cols)
         staging.numpy()[...] = self.row_slots_cpu[idx, :, :cols]
         rows = staging.to(self.device, non_blocking=True)
-        self.row_slots_gpu[:, :, :cols].index_copy_(0, to_device(idx, self.device), rows)
+        self.row_slots_gpu[:, :, :cols].index_copy_(
+            0, to_device(idx, torch.int64, self.device), rows
+        )
         if self.device.type == "cuda":
             self._staging_events[turn] = torch.cuda.Event()
             self._staging_events[turn].record()
