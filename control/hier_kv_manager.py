@@ -169,7 +169,7 @@ class HierarchicalKVManager(HierarchyBatches):
             extra = self.extra_pages(request_id, num_tokens)
             if extra:
                 self._require_host(extra * self.LH)
-                self._make_room(self._hbm_need(held, extra))
+                self._make_room(self.sets.page_cost(held, extra)[0])
                 if held.hierarchical:
                     for _ in range(extra):
                         self._new_tails([held])
@@ -181,11 +181,11 @@ class HierarchicalKVManager(HierarchyBatches):
             raise
 
     def ensure_decode(self, request_ids: list[str], num_tokens: list[int]) -> bool:
-        """ensure(r, n) for each pair in order, if the free HBM and host slots hold every page
-        this adds (then no request runs short and no buffer shrinks, so the scheduler preempts
-        nobody); False, with nothing changed, if they might not or a request is not held.
-        Consecutive hierarchical requests that start one page each (a decode step's usual
-        work) get their new tails in one vectorised pass, with the same result."""
+        """ensure(r, n) for each pair in order, if doing them one by one would preempt nobody
+        and shrink no buffer (_room_for); False, with nothing changed, if it might, or if a
+        request is not held (the scheduler then goes request by request). Consecutive
+        hierarchical requests that start one page each (a decode step's usual work) get their
+        new tails in one vectorised pass, with the same result."""
         try:
             helds = [self._held[r] for r in request_ids]
         except KeyError:
@@ -193,9 +193,7 @@ class HierarchicalKVManager(HierarchyBatches):
         P = self.page_size
         extra = [-(-n // P) - h.num_pages for h, n in zip(helds, num_tokens)]
         starts = [i for i, e in enumerate(extra) if e > 0]
-        pages = sum(extra[i] for i in starts)
-        free = min(self.hbm_slots.num_free, self.host.allocator.num_free)
-        if pages * self.LH > free or not self.dir.segments.can_alloc(pages):
+        if not self._room_for([helds[i] for i in starts], [extra[i] for i in starts]):
             return False
         run: list[HeldRequest] = []
         for i in starts:
@@ -209,6 +207,22 @@ class HierarchicalKVManager(HierarchyBatches):
         if run:
             self._new_tails(run)
         return True
+
+    def _room_for(self, helds: list[HeldRequest], extra: list[int]) -> bool:
+        """Whether ensuring `extra` pages for each request in order passes the scheduler's
+        check (extra <= free_pages) every time, with no buffer shrink (HBM need <= free HBM)
+        and segments to spare: free counts before each request are bounded below by the
+        counts at the start minus the needs before it (reclaimable only grows: a request's
+        rows that join a tail below their width)."""
+        if not helds:
+            return True
+        LH, e = self.LH, np.array(extra, np.int64)
+        need, gain = np.array([self.sets.page_cost(h, x) for h, x in zip(helds, extra)]).T
+        host = self.host.allocator.num_free - LH * (np.cumsum(e) - e)
+        hbm = self.hbm_slots.num_free - (np.cumsum(need) - need)
+        reclaimable = self.sets.reclaimable + np.cumsum(gain) - gain
+        fits = (e <= np.minimum(host, hbm + reclaimable) // LH) & (need <= hbm)
+        return bool(fits.all()) and self.dir.segments.can_alloc(int(e.sum()))
 
     def _admit(self, request_id: str) -> HeldRequest:
         if not self._free_rows:
@@ -288,12 +302,6 @@ class HierarchicalKVManager(HierarchyBatches):
         self.sets.start(held, np.ascontiguousarray(hbm[:full, self.lh0 :].T))
 
     # ---- HBM budget -------------------------------------------------------------------------
-    def _hbm_need(self, held: HeldRequest, extra: int) -> int:
-        if not held.hierarchical:
-            return extra * self.LH
-        w = held.rows.shape[1] + int((held.tail != NONE).all())
-        return extra * self.LH - max(0, w - held.width) * self.LHs  # conservative for extra > 1
-
     def _require_host(self, num_slots: int) -> None:
         if not self.host.allocator.can_alloc(num_slots):
             self.host.allocator.alloc(num_slots)  # raises OutOfSlotsError with the remedy

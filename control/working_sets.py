@@ -30,7 +30,7 @@ from spinserve.runtime.lru import PAD, BucketedLRU
 from spinserve.runtime.transfer import to_device
 
 from .budgets import BudgetPolicy, Observation, hit_rate, resize_buffers
-from .page_directory import PageDirectory
+from .page_directory import NONE, PageDirectory
 
 
 @numba.njit(cache=True)
@@ -197,6 +197,19 @@ class WorkingSets:
         mirror[self.lh0 :, : rows.shape[1]] = rows
         self._max_cols = max(self._max_cols, old_width, rows.shape[1])
         self._dirty.add(row)
+
+    def page_cost(self, held: HeldRequest, extra: int) -> tuple[int, int]:
+        """(HBM slots that adding `extra` pages takes at most, reclaimable slots it adds at
+        least): a hierarchical request's rows give their oldest slot per row back when at
+        their width (exact for one page: ensure runs _new_tails per page) and grow below it."""
+        LH, LHs = self.LH, self.LHs
+        if not held.hierarchical:
+            return extra * LH, 0
+        joins = bool((held.tail != NONE).all())
+        w, m = held.rows.shape[1], held.mandatory
+        if not joins or w >= held.width:
+            return extra * LH - max(0, w + joins - held.width) * LHs, 0
+        return extra * LH, (max(0, w + 1 - m) - max(0, w - m)) * LHs * (extra == 1)
 
     def _set_reclaimable(self, held: HeldRequest, pages: int) -> None:
         self.reclaimable += (pages - held.reclaimable) * self.LHs

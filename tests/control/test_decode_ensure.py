@@ -46,10 +46,10 @@ class PerRequest(HierarchicalKVManager):
 
 
 class Counting(HierarchicalKVManager):
-    """The real manager, counting how its batched path was used."""
+    """The real manager, counting how its batched path was used and its buffer shrinks."""
 
     runs: list[int] = []
-    declined = 0
+    declined = shrinks = 0
 
     def ensure_decode(self, request_ids, num_tokens) -> bool:
         ok = super().ensure_decode(request_ids, num_tokens)
@@ -59,6 +59,24 @@ class Counting(HierarchicalKVManager):
     def _new_tails(self, helds) -> None:
         Counting.runs.append(len(helds))
         super()._new_tails(helds)
+
+    def _make_room(self, num_slots: int) -> None:
+        Counting.shrinks += num_slots > self.hbm_slots.num_free
+        super()._make_room(num_slots)
+
+
+class Watching(Scheduler):
+    """Counts the steps where ensure_decode declined but the per-request loop then neither
+    preempted nor shrank a buffer (the batched path would have been exact)."""
+
+    needless = 0
+
+    def _schedule_decode(self, out) -> None:
+        before = (Counting.declined, Counting.shrinks, len(out.preempted))
+        super()._schedule_decode(out)
+        declined = Counting.declined > before[0]
+        needed = Counting.shrinks > before[1] or len(out.preempted) > before[2]
+        Watching.needless += declined and not needed
 
 
 def _rows(kv):
@@ -76,15 +94,16 @@ WORLDS = {
 @pytest.mark.parametrize("name", sorted(WORLDS))
 def test_batched_new_tails_equal_the_per_request_path(name):
     world = WORLDS[name]
-    Counting.runs, Counting.declined = [], 0
+    Counting.runs, Counting.declined, Watching.needless = [], 0, 0
     for seed in range(2):
         ref = run(world, seed, PerRequest, HierarchyConfig, Scheduler, _rows)
-        got = run(world, seed, Counting, HierarchyConfig, Scheduler, _rows)
+        got = run(world, seed, Counting, HierarchyConfig, Watching, _rows)
         assert_same(ref, got)
         assert sum(len(ids[1]) for ids, _, _ in got) > 300  # decode items
     runs = np.array(Counting.runs)
     assert (runs >= 2).sum() >= 2 and runs.max() >= 3  # several new tails in one pass
     assert Counting.declined > 0  # pools short at times: request by request, with preemption
+    assert Watching.needless == 0  # ... and only then
 
 
 class PagedPerRequest(PagedKVManager):
