@@ -1,14 +1,20 @@
 """Custom ops for the decoder's per-layer glue (`torch.ops.spin.rms_norm`, `.add_rms_norm`,
-`.rope_qkv`): Triton kernels (triton_glue.py) on CUDA, the torch compositions below (the
+`.rope_qkv`, `.silu_mul`): Triton kernels (triton_glue.py) on CUDA, the torch compositions below (the
 references, HF's rounding order) on CPU. See ops.py for the op conventions."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _validate as V
 from ._triton_util import use_triton
-from .triton_glue import fold_page_minmax_triton, rms_norm_triton, rope_qkv_triton
+from .triton_glue import (
+    fold_page_minmax_triton,
+    rms_norm_triton,
+    rope_qkv_triton,
+    silu_mul_triton,
+)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,6 +35,11 @@ def rope_qkv_ref(
         return x * cos[:, None, :] + rotated * sin[:, None, :]
 
     return rotate(q, num_heads), rotate(k, num_kv_heads), v.reshape(T, num_kv_heads, D).clone()
+
+
+def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def fold_page_minmax_ref(page_min, page_max, rows, fresh, keys) -> None:
@@ -115,6 +126,27 @@ def _(qkv, cos, sin, num_heads, num_kv_heads):
     )
 
 
+def _check_silu_mul(x: torch.Tensor) -> None:
+    if x.dim() != 2 or x.shape[1] % 2 or not x.is_contiguous() or x.dtype not in V.SUPPORTED_DTYPES:
+        V._fail(
+            "silu_mul",
+            f"x must be contiguous [T, 2 * I] (gate | up) of {V.SUPPORTED_DTYPES}, "
+            f"got {tuple(x.shape)} {x.dtype}",
+        )
+
+
+@torch.library.custom_op("spin::silu_mul", mutates_args=())
+def _silu_mul_op(x: torch.Tensor) -> torch.Tensor:
+    _check_silu_mul(x)
+    return silu_mul_triton(x) if use_triton(x) else silu_mul_ref(x)
+
+
+@_silu_mul_op.register_fake
+def _(x):
+    _check_silu_mul(x)
+    return x.new_empty(x.shape[0], x.shape[1] // 2)
+
+
 def _check_fold(page_min, page_max, rows, fresh, keys) -> None:
     op = "fold_page_minmax"
     D = keys.shape[-1] if keys.dim() == 3 else 0
@@ -181,3 +213,9 @@ def rope_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous (q [T, H, D], k [T, KV, D] both rotated, v [T, KV, D]), one launch on CUDA."""
     return torch.ops.spin.rope_qkv(qkv, cos, sin, num_heads, num_kv_heads)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] gate | up -> [T, I]
+    """SwiGLU's activation silu(gate) * up of the fused gate_up projection: one launch on
+    CUDA (torch's rounding: silu rounded to the dtype, then the product)."""
+    return torch.ops.spin.silu_mul(x)

@@ -17,9 +17,18 @@ import torch
 
 from . import _validate as V
 from . import reference as ref
-from ._ops_glue import add_rms_norm, fold_page_minmax, rms_norm, rope_qkv
+from ._ops_glue import add_rms_norm, fold_page_minmax, rms_norm, rope_qkv, silu_mul
 from ._ops_hierarchy import resolve_pages
-from ._ops_sparse import gather_pages, scatter_pages, score_pages, select_pages
+from ._ops_sparse import (
+    fold_score_pages,
+    gather_pages,
+    scatter_pages,
+    score_pages,
+    select_indptr,
+    select_page_ids,
+    select_page_slots,
+    select_pages,
+)
 from ._triton_util import use_triton
 from .triton_decode import paged_decode_attention_triton
 from .triton_paging import append_kv_triton, page_summaries_triton
@@ -31,6 +40,7 @@ __all__ = [
     "add_rms_norm",
     "append_kv",
     "fold_page_minmax",
+    "fold_score_pages",
     "gather_pages",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -39,7 +49,11 @@ __all__ = [
     "rope_qkv",
     "scatter_pages",
     "score_pages",
+    "select_indptr",
+    "select_page_ids",
+    "select_page_slots",
     "select_pages",
+    "silu_mul",
     "sparse_decode_attention",
 ]
 

@@ -167,6 +167,31 @@ def score_pages_ref(
     return out
 
 
+def fold_score_pages_ref(
+    q: torch.Tensor,  # [B, Hq, D]
+    page_indptr: torch.Tensor,  # [B * KV + 1] int32
+    page_rows: torch.Tensor,  # [nnz] int32
+    last_page_len: torch.Tensor,  # [B * KV] int32
+    page_min: torch.Tensor,  # [N, D]: updated in place
+    page_max: torch.Tensor,  # [N, D]: updated in place
+    page_size: int,
+    keys: torch.Tensor,  # [B, KV, D] one new key per row
+    fresh: torch.Tensor,  # [B] bool: the key opens its page (min / max restart from it)
+) -> torch.Tensor:  # [nnz] float32: Quest scores after the fold
+    """Fold row r's key into the min / max of its LAST listed page (the tail page the key was
+    appended to), then score_pages_ref in Quest mode. Rows listing no page fold nothing."""
+    B, KV, D = keys.shape
+    has = (page_indptr[1:] - page_indptr[:-1]) > 0  # [R]
+    if page_rows.numel():
+        tail = page_rows[(page_indptr[1:].long() - 1).clamp(min=0)].long()[has]
+        k = keys.reshape(B * KV, D)[has].to(page_min.dtype)
+        new = fresh.bool().repeat_interleave(KV)[has][:, None]
+        page_min[tail] = torch.where(new, k, torch.minimum(page_min[tail], k))
+        page_max[tail] = torch.where(new, k, torch.maximum(page_max[tail], k))
+    args = (q, page_indptr, page_rows, last_page_len, page_min, page_max, page_min)
+    return score_pages_ref(*args, page_size, 0)
+
+
 def select_pages_ref(
     scores: torch.Tensor,  # [nnz] float32: from score_pages
     page_indptr: torch.Tensor,  # [R + 1] int32

@@ -5,6 +5,8 @@ rms_norm_kernel: out = weight * (x * rsqrt(mean(x^2) + eps)).to(dtype), with an 
     add first (x = x + residual, written back as the new residual): HF's rounding order.
 rope_qkv_kernel: split a fused qkv row into contiguous q [T, H, D], k [T, KV, D], v [T, KV, D],
     rotating q and k (HF "rotate_half" layout) with the step's cos/sin [T, D].
+silu_mul_kernel: the SwiGLU activation silu(gate) * up of a fused gate_up row [T, 2 I] -> [T, I]
+    (torch's rounding: silu rounded to the dtype, then the product).
 """
 
 from __future__ import annotations
@@ -157,3 +159,30 @@ def fold_page_minmax_triton(page_min, page_max, rows, fresh, keys) -> None:
     B, KV, D = keys.shape
     if B:
         fold_minmax_kernel[(B * KV,)](page_min, page_max, rows, fresh, keys, NUM_KV=KV, HEAD_DIM=D)
+
+
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    """Program (t, c): columns [c * BLOCK, (c + 1) * BLOCK) of token t; x row = gate | up."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    gate = tl.load(x_ptr + t * 2 * n_cols + cols, mask=ok, other=0.0)
+    up = tl.load(x_ptr + t * 2 * n_cols + n_cols + cols, mask=ok, other=0.0)
+    g32 = gate.to(tl.float32)
+    act = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)  # F.silu, rounded to the dtype
+    out = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + t * n_cols + cols, out.to(gate.dtype), mask=ok)
+
+
+silu_mul_kernel = lazy_jit(_silu_mul_kernel)
+
+SILU_MUL_BLOCK = 1024  # columns per program
+
+
+def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    T, n = x.shape[0], x.shape[1] // 2
+    out = x.new_empty(T, n)
+    if T and n:
+        grid = (T, -(-n // SILU_MUL_BLOCK))
+        silu_mul_kernel[grid](x, out, n, BLOCK=SILU_MUL_BLOCK, num_warps=4)
+    return out

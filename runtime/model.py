@@ -44,14 +44,14 @@ def _static_plan(
     cand: Candidates,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The capturable plan (static shapes): sparse layers resolve through the hierarchy when
-    there is one, everything else maps through sp.page_table [L', B, KV, max_pages]."""
-    sel, rows = planner.select_static(layer, q, k, cand, sp.uniform_budget)
+    there is one, everything else maps through sp.page_table [L', B, KV, max_pages] (for
+    sparse layers inside the select kernel)."""
     if sp.hierarchy is not None and not planner.is_dense_layer(layer):
+        sel, _ = planner.select_static(layer, q, k, cand, sp.uniform_budget)
         slots = sp.hierarchy.resolve(layer, sp.req_slots, sel.kv_indptr, sel.page_ids)
-    else:
-        table = sp.page_table[layer].reshape(-1, sp.max_pages)
-        slots = table[rows, sel.page_ids.long()]
-    return sel.kv_indptr, slots, sel.kv_last_page_len
+        return sel.kv_indptr, slots, sel.kv_last_page_len
+    table = sp.page_table[layer].reshape(-1, sp.page_table.shape[-1])  # [B * KV, max_pages]
+    return planner.plan_static(layer, q, k, cand, sp.uniform_budget, table)
 
 
 class LlamaModel:
@@ -119,8 +119,8 @@ class LlamaModel:
 
     def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         p = f"layers.{layer}."
-        gate, up = F.linear(x, self.w[p + "gate_up_proj.weight"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w[p + "down_proj.weight"])
+        gate_up = F.linear(x, self.w[p + "gate_up_proj.weight"])  # [T, 2 * I]
+        return F.linear(ops.silu_mul(gate_up), self.w[p + "down_proj.weight"])
 
     @torch.inference_mode()
     def forward(

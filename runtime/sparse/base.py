@@ -288,6 +288,18 @@ class SparseAlgorithm(ABC):
         addressing (tail_rows, fresh), as Quest does; this default suits index-free ones."""
         self.index_decode(state, cand.index_rows, keys, cand.positions)
 
+    def index_score_static(
+        self,
+        state: SparseState,
+        query: torch.Tensor,  # [B, Hq, D]
+        keys: torch.Tensor,  # [B, KV, D] the new tokens' keys (already appended)
+        cand: Candidates,
+    ) -> torch.Tensor:  # [R * M] float32, as candidate_scores
+        """index_decode_static then candidate_scores, one layer of a capturable decode step;
+        an algorithm may fuse the two (Quest: one launch)."""
+        self.index_decode_static(state, keys, cand)
+        return self.candidate_scores(state, query, cand)
+
     def release(self, state: SparseState, req_slot: int) -> None:
         """The request slot is free again (optional: index_prefill overwrites anyway)."""
         if state.buffers is not None:

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 
 from .base import PageSelection, SparseAlgorithm, mask_to_selection, num_pages_of, valid_page_mask
-from .static_select import Candidates, candidates, every_page, select_static
+from .static_select import (
+    Candidates,
+    candidates,
+    every_page,
+    select_static,
+    select_static_slots,
+)
 
 
 def read_keys(kv_pool: torch.Tensor, page_slots: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -91,9 +97,23 @@ class SparsePlanner:
         """select_logical with static shapes (capturable): (selection, [cap] row of each entry)."""
         if self.is_dense_layer(layer):
             return every_page(cand)
+        return select_static(self.algo, self.states[layer], query, cand, budget_tokens, keys)
+
+    def plan_static(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [B, Hq, D] post-RoPE
+        keys: torch.Tensor,  # [B, KV, D] the new tokens' keys (already appended)
+        cand: Candidates,
+        budget_tokens: int,
+        page_table: torch.Tensor,  # [B * KV, N] int32 this layer's pool slot of page j
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """select_static mapped through a resident page table (capturable), as plan_decode:
+        (kv_indptr, kv_slots, kv_last_page_len) int32; the select kernel writes the slots."""
+        if self.is_dense_layer(layer):
+            return cand.indptr, cand.table_slots(page_table), cand.last_len
         state = self.states[layer]
-        self.algo.index_decode_static(state, keys, cand)
-        return select_static(self.algo, state, query, cand, budget_tokens)
+        return select_static_slots(self.algo, state, query, cand, budget_tokens, page_table, keys)
 
     def index_prefill(
         self,

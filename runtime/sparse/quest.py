@@ -97,6 +97,17 @@ class QuestAlgorithm(SparseAlgorithm):
             query.contiguous(), cand.indptr, rows, cand.last_len, kmin, kmax, kmin, self.page_size
         )
 
+    def index_score_static(self, state: SparseState, query: torch.Tensor, keys, cand):
+        """The fold and the scores in one plugins launch (fold_score_pages): each row's tail
+        page is its last candidate, whose table row is the tail row the fold writes."""
+        buf, D = state.buffers, self.head_dim
+        kmin, kmax = buf["kmin"].view(-1, D), buf["kmax"].view(-1, D)
+        rows = cand.table_rows(buf.capacity)
+        return ops.fold_score_pages(
+            query.contiguous(), cand.indptr, rows, cand.last_len, kmin, kmax, self.page_size,
+            keys.contiguous(), cand.fresh,
+        )  # fmt: skip
+
     def _dynamic_mask(
         self,
         state: SparseState,

@@ -21,7 +21,12 @@ class StreamingAlgorithm(SparseAlgorithm):
         return -(-p.sink_tokens // P), (p.window_tokens + budget_tokens) // P + 1, 0 * budget_tokens
 
     def candidate_scores(self, state, query, cand):
-        return torch.full(cand.page.shape, float("-inf"), device=query.device)
+        """No dynamic pages, no scores: one -inf buffer per step, shared by every layer."""
+        return cand.per_step(
+            "no_scores",
+            None,
+            lambda: torch.full(cand.page.shape, float("-inf"), device=query.device),
+        )
 
     def _dynamic_mask(
         self,

@@ -1,4 +1,4 @@
-"""The fused decoder glue (rms_norm, add_rms_norm, rope_qkv): Triton kernels (interpreter on
+"""The fused decoder glue (rms_norm, add_rms_norm, rope_qkv, silu_mul): Triton kernels (interpreter on
 CPU, compiled on CUDA) against the torch references, HF's rounding order; bad inputs refused."""
 
 from __future__ import annotations
@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from spinserve.plugins import ops
-from spinserve.plugins._ops_glue import fold_page_minmax_ref, rms_norm_ref, rope_qkv_ref
+from spinserve.plugins._ops_glue import (
+    fold_page_minmax_ref,
+    rms_norm_ref,
+    rope_qkv_ref,
+    silu_mul_ref,
+)
 from spinserve.plugins._validate import UnsupportedInputError
 from spinserve.runtime.rope import cos_sin
 
@@ -66,6 +71,43 @@ def test_glue_kernels_match_references_gpu(dtype, T, H, KV, D, n):
     _check_glue("cuda", dtype, T, H, KV, D, n)
 
 
+def _check_silu_mul(device: str, dtype: torch.dtype, T: int, n: int) -> None:
+    g = torch.Generator().manual_seed(T + n)
+    x = (4 * torch.randn(T, 2 * n, generator=g)).to(device, dtype)
+    x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp overflow / underflow, silu(0) = 0
+    got = ops.silu_mul(x)
+    want = silu_mul_ref(x)
+    gate, up = x.float().chunk(2, dim=-1)
+    assert got.shape == (T, n) and got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got[0, :3], want[0, :3])
+    if dtype == torch.float32:  # exp rounding only
+        torch.testing.assert_close(got, want, rtol=4e-6, atol=1e-6)
+    else:  # torch rounds silu to the dtype, then the product: at most one ulp of each apart
+        torch.testing.assert_close(got, want, rtol=2 * 2**-8, atol=1e-3)
+        assert (got == want).float().mean() > 0.99
+    torch.testing.assert_close(want.float(), gate * torch.sigmoid(gate) * up, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize(("T", "n"), [(3, 1500), (1, 64)])
+def test_silu_mul_matches_reference_interpreted(T, n):
+    _check_silu_mul("cpu", torch.float32, T, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("T", "n"), [(32, 14336), (256, 14336), (7, 1536)])
+def test_silu_mul_matches_reference_gpu(dtype, T, n):
+    _check_silu_mul("cuda", dtype, T, n)
+
+
+def test_silu_mul_reference_is_the_models_old_mlp_activation():
+    """On CPU (no Triton) the op is exactly F.silu(gate) * up of the chunked projection."""
+    x = torch.randn(4, 2 * 96).to(torch.bfloat16)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(ops.silu_mul(x), torch.nn.functional.silu(gate) * up)
+
+
 def test_glue_reference_equals_hf_rotation_and_norm():
     """The references follow transformers' Llama code (rotate_half; norm in fp32, cast, scale)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
@@ -90,6 +132,9 @@ def test_glue_reference_equals_hf_rotation_and_norm():
     [
         (lambda: ops.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-5), "weight must be"),
         (lambda: ops.rms_norm(torch.randn(2, 8, 2), torch.ones(8), 1e-5), "x must be"),
+        (lambda: ops.silu_mul(torch.randn(2, 7)), "gate | up"),
+        (lambda: ops.silu_mul(torch.randn(8, 2).t()), "gate | up"),
+        (lambda: ops.silu_mul(torch.randn(2, 8).long()), "gate | up"),
         (
             lambda: ops.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-5),
             "residual must",
