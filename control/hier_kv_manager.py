@@ -241,7 +241,7 @@ class HierarchicalKVManager(HierarchyBatches):
             return
         self.sets.release(held)
         freed = self.dir.release(held.row)
-        self.lru.mark_empty(self._t(freed))  # no sync: a launch may be in flight
+        self.sets.stamp(freed, empty=True)
         self._free_rows.append(held.row)
 
     def _add_resident(self, held: HeldRequest, extra: int) -> None:

@@ -12,7 +12,8 @@ when a new tail page starts, a widening appends empty slots. This object owns:
   the mirror       `row_slots_cpu` [max_requests, LH, W] int32 (rows of dense (layer, head)
                    pairs and columns beyond a request's width are -1) and its device copy
                    `row_slots_gpu`, uploaded by `flush` (dirty request rows, one copy);
-  LRU ages         read once between two flushes (`ages`): every trim of a step sorts by them;
+  LRU ages         from a snapshot of the epochs read once between two flushes (`epochs`):
+                   every trim of a step sorts by the same ages;
   `reclaimable`    running total of HBM slots that shrinking every buffer to its mandatory floor
                    would return (admission counts them as free).
 """
@@ -34,9 +35,10 @@ from .page_directory import NONE, PageDirectory
 
 
 @numba.njit(cache=True)
-def _join_row(rows, tail, ages, joined, dropped, mirror):  # pragma: no cover - numba
+def _join_row(rows, tail, epoch, now, joined, dropped, mirror):  # pragma: no cover - numba
     """rows [R, w] + tail [R] as column w -> joined [R, w + 1], or, with dropped [R] given,
-    joined [R, w] without each row's oldest slot (the first of the highest ages), dropped.
+    joined [R, w] without each row's oldest slot (the first of the highest LRU ages, age =
+    (now - epoch[slot]) mod 256), dropped.
     mirror [R, >= w + 1]: its first columns become joined too."""
     R, w = rows.shape
     n = joined.shape[1]
@@ -45,10 +47,10 @@ def _join_row(rows, tail, ages, joined, dropped, mirror):  # pragma: no cover - 
         if dropped.size:
             first, first_age = 0, -1
             for c in range(w):
-                a = int(ages[rows[r, c]])
+                a = (now - int(epoch[rows[r, c]])) & 255
                 if a > first_age:
                     first, first_age = c, a
-            oldest = w if int(ages[tail[r]]) > first_age else first
+            oldest = w if (now - int(epoch[tail[r]])) & 255 > first_age else first
             dropped[r] = rows[r, oldest] if oldest < w else tail[r]
         k = min(oldest, w)
         joined[r, :k] = rows[r, :k]
@@ -100,10 +102,12 @@ class WorkingSets:
         self.row_slots_cpu = np.full((self.max_requests, self.LH, 0), PAD, np.int32)
         self.row_slots_gpu = torch.from_numpy(self.row_slots_cpu).to(self.device)
         cuda = self.device.type == "cuda"
-        self._ages_cache: np.ndarray | None = None  # ages() of the current step
+        self._epochs: tuple[np.ndarray, int] | None = None  # epochs() of the current step
+        self._live = False  # _epochs[0] is the LRU's own (CPU) tensor
         self._age_event: torch.cuda.Event | None = None
-        # [num_hbm_slots] uint8 pinned: LRU ages copied before each launch (CUDA only)
-        self._age_host = torch.zeros(lru.epoch.shape[0], dtype=torch.uint8, pin_memory=cuda)
+        # [num_hbm_slots + 1] uint8 (pinned on CUDA): LRU epochs + the current one, copied
+        # before each launch (CUDA), or on the CPU when stamp() would change a live snapshot
+        self._age_host = torch.zeros(lru.epoch.shape[0] + 1, dtype=torch.uint8, pin_memory=cuda)
 
     # ---- widths -------------------------------------------------------------------------
     def reserve(self, width: int) -> None:
@@ -128,7 +132,7 @@ class WorkingSets:
         first): they count as touched now, the oldest columns beyond the width go, the rest
         become the decode graph's (hand_over)."""
         held.rows = rows
-        self.lru.touch(to_device(rows, torch.int64, self.device))
+        self.stamp(rows, empty=False)
         self.trim(held, held.width, by_age=False)
         self.dir.hand_over(held.rows)
 
@@ -146,11 +150,11 @@ class WorkingSets:
         if k > 0:
             drop = np.zeros(rows.shape, bool)
             if by_age and k == 1:  # a new tail joined: the oldest per row (first of equals)
-                oldest = np.argmax(self.ages()[rows], axis=1)
+                oldest = np.argmax(self.ages(rows), axis=1)
                 drop[np.arange(rows.shape[0]), oldest] = True
             else:
                 if by_age:
-                    ages = -self.ages()[rows].astype(np.int64)
+                    ages = -self.ages(rows).astype(np.int64)
                     order = np.argsort(ages, axis=1, kind="stable")
                 else:
                     order = np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
@@ -166,13 +170,14 @@ class WorkingSets:
         of equals; rows are never wider than the width before). One pass over each request's
         rows (_join_row). Returns the slots each request dropped ([LHs] in row order, or [0]),
         still owned: the caller disowns them."""
-        ages, dropped = self.ages(), []
+        (epoch, now), dropped = self.epochs(), []
         for h, tail in zip(helds, old):
             w = h.rows.shape[1]
             over = h.width <= w
             rows = np.empty((self.LHs, w + 1 - over), np.int32)
             out = np.empty(self.LHs if over else 0, np.int32)
-            _join_row(h.rows, tail, ages, rows, out, self.row_slots_cpu[h.row, self.lh0 :])
+            mirror = self.row_slots_cpu[h.row, self.lh0 :]
+            _join_row(h.rows, tail, epoch, now, rows, out, mirror)
             self._dirty.add(h.row)
             self._max_cols = max(self._max_cols, rows.shape[1])
             h.rows = rows
@@ -186,7 +191,7 @@ class WorkingSets:
         if add <= 0 or not self.dir.hbm_slots.can_alloc(add * self.LHs):
             return
         slots = self.dir.own_hbm(held.row, add * self.LHs).reshape(self.LHs, add)
-        self.lru.mark_empty(to_device(slots, torch.int64, self.device))
+        self.stamp(slots, empty=True)
         held.rows = np.concatenate([held.rows, slots.astype(np.int32)], axis=1)
         self.trim(held, held.width, by_age=False)  # nothing to drop: refreshes the mirror
 
@@ -260,25 +265,46 @@ class WorkingSets:
                 self.widen(h)
 
     # ---- device -------------------------------------------------------------------------
-    def ages(self) -> np.ndarray:
-        """[num_hbm_slots] uint8 LRU ages as of the last launch (a sync-free snapshot on CUDA),
-        read once between two flushes (every trim of a step sorts by the same ages)."""
-        if self._ages_cache is None:
+    def epochs(self) -> tuple[np.ndarray, int]:
+        """([num_hbm_slots] uint8 LRU epochs, the current epoch): a snapshot as of the last
+        launch (sync-free, pinned, on CUDA; on the CPU as of the first call: copied only if
+        stamp() changes an epoch), read once between two flushes: every trim of a step sorts
+        by the same ages."""
+        if self._epochs is None:
             if self.device.type != "cuda":
-                self._ages_cache = self.lru.ages().numpy()
+                # the live epochs: stamp() copies them before the control plane changes one
+                self._epochs = (self.lru.epoch.numpy(), int(self.lru.current[0]))
+                self._live = True
             else:
                 if self._age_event is not None:
                     self._age_event.synchronize()  # enqueued before the previous launch: done
-                self._ages_cache = self._age_host.numpy()  # no copy: flush drops it first
-        return self._ages_cache
+                host = self._age_host.numpy()  # no copy: flush drops it first
+                self._epochs = (host[:-1], int(host[-1]))
+        return self._epochs
+
+    def stamp(self, slots: np.ndarray, empty: bool) -> None:
+        """The control plane's LRU writes: `slots` touched now, or empty (oldest). The ages
+        trims read stay as they were (a live CPU snapshot is copied first)."""
+        if self._live:
+            host = self._age_host.numpy()
+            host[:-1] = self._epochs[0]
+            self._epochs, self._live = (host[:-1], self._epochs[1]), False
+        t = to_device(slots, torch.int64, self.device)
+        self.lru.mark_empty(t) if empty else self.lru.touch(t)
+
+    def ages(self, slots: np.ndarray) -> np.ndarray:
+        """uint8 LRU ages of `slots` (any shape) as of the last launch."""
+        epoch, now = self.epochs()
+        return np.uint8(now) - epoch[slots]
 
     def flush(self) -> None:
         """Before a launch: upload the dirty rows, snapshot the ages (the launch ages slots)."""
-        self._ages_cache = None
+        self._epochs, self._live = None, False
         if self._dirty:
             self._upload()
         if self.device.type == "cuda":
-            self._age_host.copy_(self.lru.ages(), non_blocking=True)
+            self._age_host[:-1].copy_(self.lru.epoch, non_blocking=True)
+            self._age_host[-1:].copy_(self.lru.current, non_blocking=True)
             self._age_event = torch.cuda.Event()
             self._age_event.record()
 

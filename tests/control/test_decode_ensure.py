@@ -143,18 +143,20 @@ def test_ensure_decode_declines_without_room_and_changes_nothing():
 
 def test_join_row_drops_the_first_oldest_and_keeps_column_order():
     ages = np.array([0, 9, 3, 9, 1, 7, 2, 0, 5], np.uint8)  # slot -> LRU age
+    now = 3  # epochs = now - age, wrapping: the ages as the LRU's uint8 epochs hold them
+    epoch = (now - ages.astype(np.int64)) % 256
     rows = np.array([[1, 2, 3], [4, 5, 6], [7, 6, 4]], np.int32)
     tail = np.array([8, 7, 5], np.int32)
     joined = np.full((3, 3), -9, np.int32)
     dropped = np.full(3, -9, np.int32)
     mirror = np.full((3, 5), -1, np.int32)
-    _join_row(rows, tail, ages, joined, dropped, mirror)
+    _join_row(rows, tail, epoch.astype(np.uint8), now, joined, dropped, mirror)
     # row 0: ages 9, 3, 9, tail 5 -> slot 1 (first of the 9s); row 1: 1, 7, 2, tail 0 -> 5;
     # row 2: 0, 2, 1, tail 7 -> the tail itself
     assert dropped.tolist() == [1, 5, 5]
     assert joined.tolist() == [[2, 3, 8], [4, 6, 7], [7, 6, 4]]
     assert np.array_equal(mirror[:, :3], joined) and (mirror[:, 3:] == -1).all()
     grown = np.full((3, 4), -9, np.int32)  # within the width: nothing dropped, tail appended
-    _join_row(rows, tail, ages, grown, np.zeros(0, np.int32), mirror)
+    _join_row(rows, tail, epoch.astype(np.uint8), now, grown, np.zeros(0, np.int32), mirror)
     assert grown.tolist() == [[1, 2, 3, 8], [4, 5, 6, 7], [7, 6, 4, 5]]
     assert np.array_equal(mirror[:, :4], grown)
