@@ -321,7 +321,9 @@ class WorkingSets:
             self._staging_events[turn].synchronize()  # two flushes ago: long done in practice
         staging = self._staging[turn].view(-1)[: idx.size * self.LH * cols]
         staging = staging.view(idx.size, self.LH, cols)
-        staging.numpy()[...] = self.row_slots_cpu[idx, :, :cols]
+        host = staging.numpy()
+        for j, row in enumerate(idx.tolist()):  # no temporary (a gather would make one)
+            host[j] = self.row_slots_cpu[row, :, :cols]
         rows = staging.to(self.device, non_blocking=True)
         self.row_slots_gpu[:, :, :cols].index_copy_(
             0, to_device(idx, torch.int64, self.device), rows
