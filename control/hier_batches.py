@@ -95,7 +95,7 @@ class HierarchyBatches:
         B, L, KV, P = len(items), self.num_layers, self.num_kv_heads, self.page_size
         if any(len(it.token_ids) != 1 or it.all_logits for it in items):
             raise AssertionError("a decode item carries one token and its logits only")
-        tails = np.stack([h.tail for h in helds])  # [B, LH]
+        tails = self.tails_cpu[np.fromiter((h.row for h in helds), np.int64, B)]  # [B, LH]
         if (tails == NONE).any():
             raise AssertionError("a hierarchical request's tail page has no HBM slots")
         pos = np.fromiter((it.start_pos for it in items), np.int64, B)

@@ -117,6 +117,9 @@ class HierarchicalKVManager(HierarchyBatches):
             buffer_ratio=c.buffer_ratio, max_buffer_ratio=max(8.0, c.buffer_ratio)
         )
         self._held: dict[str, HeldRequest] = {}
+        # [max_requests, LH] int32: HBM slots of each hierarchical request's tail page, -1 =
+        # none (HeldRequest.tail is a view of its row)
+        self.tails_cpu = np.full((c.max_requests, self.LH), NONE, np.int32)
         self._free_rows = list(range(c.max_requests - 1, -1, -1))
         self.hierarchy: HierarchicalKV | None = None
         # sized for the default budget's widest rows up front: the device tables then never
@@ -261,7 +264,7 @@ class HierarchicalKVManager(HierarchyBatches):
         reqs = np.fromiter((h.row for h in helds), np.int64, n)
         pages = np.fromiter((h.num_pages for h in helds), np.int64, n)
         self.dir.grow(reqs, pages + 1)  # first: all or nothing (OutOfSlotsError)
-        old = np.stack([h.tail[self.lh0 :] for h in helds])  # [n, LHs]
+        old = self.tails_cpu[reqs, self.lh0 :]  # [n, LHs] (a copy)
         join = np.flatnonzero((old != NONE).all(1))  # no old tail right after a full prefill
         dropped = [old[0, :0]] * n
         if join.size:
@@ -278,8 +281,8 @@ class HierarchicalKVManager(HierarchyBatches):
         slots[~first] = self.hbm_slots.alloc(n * LH - reused.size)
         self.dir.own_hbm(reqs, LH, slots=slots.ravel())
         self.dir.set_hbm(reqs, pages, slots)
-        for h, tail in zip(helds, slots):
-            h.tail = tail
+        self.tails_cpu[reqs] = slots  # the helds' tails (views)
+        for h in helds:
             h.num_pages += 1
 
     def finish_prefill(self, request_id: str, num_tokens: int) -> None:
@@ -294,7 +297,8 @@ class HierarchicalKVManager(HierarchyBatches):
         if full:
             host = self.dir.host_entries(held.row, pages[:full])
             self.hierarchy.offload_pages(self._t(hbm[:full].ravel()), self._t(host.ravel()))
-        held.tail = hbm[full] if full < held.num_pages else np.full(self.LH, NONE, np.int32)
+        self.tails_cpu[held.row] = hbm[full] if full < held.num_pages else NONE
+        held.tail = self.tails_cpu[held.row]
         held.width = held.mandatory + initial_buffer(held.mandatory, self.policy)
         held.hierarchical = True
         self._grow_caps(held.width + 1, held.mandatory)
@@ -384,16 +388,12 @@ def manager_for_runner(
     host_slots = -(-host_tokens // P) * LH + 1
     use_cuda = runner.device.type == "cuda"
     host = HostPagePool(host_slots, P, cfg.head_dim, runner.dtype, use_cuda=use_cuda)
+    sparse = runner.sparse_params
     config = HierarchyConfig(
-        cfg.num_layers,
-        cfg.num_kv_heads,
-        P,
-        max_requests,
-        max_context,
-        host_slots,
-        dense_layers=min(runner.sparse_params.dense_layers, cfg.num_layers),
+        cfg.num_layers, cfg.num_kv_heads, P, max_requests, max_context, host_slots,
+        dense_layers=min(sparse.dense_layers, cfg.num_layers),
         buffer_ratio=cache.buffer_ratio,
-        mandatory_hint=mandatory_pages(runner.sparse_params, runner.sparse_params.budget_tokens, P),
+        mandatory_hint=mandatory_pages(sparse, sparse.budget_tokens, P),
         fused_resolve=cache.fused_resolve and use_cuda,
-    )
+    )  # fmt: skip
     return HierarchicalKVManager(config, runner.kv_pool, host, mandatory_of)

@@ -41,7 +41,7 @@ class PerRequest(HierarchicalKVManager):
             self.dir.grow([held.row], [n + 1])
             slots = self.dir.own_hbm(held.row, self.LH)
             self.dir.set_hbm([held.row], [n], slots[None])
-            held.tail = slots.astype(np.int32)
+            held.tail[:] = slots  # a view of the manager's tails_cpu row
             held.num_pages = n + 1
 
 
