@@ -130,6 +130,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._num_preemptions = 0
         self._inflight: InFlight | None = None  # the decode launch whose tokens are not read
+        self.scheduler.fence = self._fence
 
     def sparse_graph_spec(self) -> SparseGraphSpec | None:
         """What the sparse decode graphs are captured for: the default algorithm at the default
@@ -232,10 +233,31 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
-        self.scheduler.remove(req)
-        self._release_index(req)
+        self._retire(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
         return True
+
+    def _retire(self, req: Request) -> None:
+        """Take an ended request out of the scheduler; free its pages and index row now, or,
+        when the launch in flight decodes it, once that launch has been read back (its kernels
+        read the host-slot tables in place: freed entries must not change under them)."""
+        launch = self._inflight
+        if launch is not None and req in launch.rows:
+            self.scheduler.remove(req, free_pages=False)
+            launch.retired.append(req)
+        else:
+            self.scheduler.remove(req)
+            self._release_index(req)
+
+    def _fence(self) -> None:
+        """Wait for the launch in flight (the scheduler is about to free a request's pages)."""
+        if self._inflight is not None:
+            self._inflight.wait()
+
+    def _free_retired(self, launch: InFlight) -> None:
+        for req in launch.retired:
+            self.kv.free(req.request_id)
+            self._release_index(req)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or self._inflight is not None
@@ -274,9 +296,8 @@ class LLMEngine:
             live = RequestStatus.RUNNING
             sched.decode = [r for r in sched.decode if r.status is live]
             outputs += self._prefill([(r, n) for r, n in sched.prefill if r.status is live])
-        launched = self._launch(sched.decode)
-        outputs += self._resolve()
-        self._inflight = launched
+        previous, self._inflight = self._inflight, self._launch(sched.decode)
+        outputs += self._read(previous)
         return outputs
 
     def _prefill(self, chunks: list[tuple[Request, int]]) -> list[RequestOutput]:
@@ -322,20 +343,31 @@ class LLMEngine:
             req.num_cached_tokens = req.num_tokens
             index.append(len(req.output_ids))
             req.output_ids.append(PENDING)
+        launch = InFlight.start(
+            ordered, index, tokens[0] if len(tokens) == 1 else torch.cat(tokens)
+        )
+        for req in ordered:
             if self._ends_by_length(req, len(req.output_ids)):
-                # finishes with this token whatever it is: free its pages and index row now
-                # (later launches reuse them after this one in stream order)
-                self.scheduler.remove(req)
-                self._release_index(req)
-        return InFlight.start(ordered, index, tokens[0] if len(tokens) == 1 else torch.cat(tokens))
+                # finishes with this token whatever it is: out of the scheduler now, its pages
+                # free once this launch is read back
+                self.scheduler.remove(req, free_pages=False)
+                launch.retired.append(req)
+        return launch
 
     def _resolve(self) -> list[RequestOutput]:
         """Read back the launch in flight (waits for it) and process its tokens."""
         launched, self._inflight = self._inflight, None
+        return self._read(launched)
+
+    def _read(self, launched: InFlight | None) -> list[RequestOutput]:
+        """Wait for `launched`, free what ended in it, process its tokens (requests that end
+        and are also in self._inflight, the newer launch, are freed after that one)."""
         if launched is None:
             return []
+        tokens = launched.read()
+        self._free_retired(launched)
         outputs = []
-        for req, i, token in zip(launched.reqs, launched.index, launched.read()):
+        for req, i, token in zip(launched.reqs, launched.index, tokens):
             if req.status is RequestStatus.FINISHED:  # aborted, or stopped one step earlier
                 continue
             req.output_ids[i] = token
@@ -427,8 +459,7 @@ class LLMEngine:
         else:
             req.output_text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
-        self.scheduler.remove(req)
-        self._release_index(req)
+        self._retire(req)
         del self._requests[req.request_id]
 
     # ---- offline --------------------------------------------------------------------------

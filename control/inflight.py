@@ -8,7 +8,7 @@ those requests from `tokens` on the device (`feed`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class InFlight:
     tokens: torch.Tensor  # [B] int64 sampled tokens, on the device
     host: HostCopy  # of tokens
     rows: dict[Request, int]  # request -> its row (requests hash by identity)
+    # requests that ended while this launch may still read their pages: freed once it is read
+    retired: list[Request] = field(default_factory=list)
+    done: bool = False  # waited for: the launch has finished on the device
 
     @classmethod
     def start(cls, reqs: list[Request], index: list[int], tokens: torch.Tensor) -> InFlight:
@@ -32,7 +35,13 @@ class InFlight:
 
     def read(self) -> list[int]:
         """The tokens on the host (waits for the launch to finish)."""
+        self.wait()
         return self.host.wait().tolist()
+
+    def wait(self) -> None:
+        """Wait for the launch to finish on the device."""
+        self.host.wait()
+        self.done = True
 
     def feed(self, reqs: list[Request], input_ids: torch.Tensor) -> torch.Tensor:
         """[B] input ids of the next launch with every request whose last token is in flight

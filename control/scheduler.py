@@ -12,6 +12,7 @@ Policy, one step:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spinserve.configs.settings import EngineSettings
@@ -37,22 +38,28 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
+        # called before a preemption frees pages: the engine waits there for the decode launch
+        # in flight (it may still read them: host-slot tables are read by the GPU in place)
+        self.fence: Callable[[], None] = lambda: None
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def remove(self, req: Request) -> None:
-        """Drop a request wherever it is and free its pages."""
+    def remove(self, req: Request, free_pages: bool = True) -> None:
+        """Drop a request wherever it is and free its pages (free_pages=False: the caller frees
+        them later with kv.free, once no launch in flight reads them)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req.request_id)
+        if free_pages:
+            self.kv.free(req.request_id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _preempt_last(self, out: SchedulerOutput) -> Request:
+        self.fence()
         victim = self.running.pop()
         self.kv.free(victim.request_id)
         victim.num_cached_tokens = 0

@@ -79,6 +79,7 @@ def bare_engine(settings: Settings, kv, runner, device: str, max_context: int) -
     eng.settings, eng.kv, eng.runner, eng.device = settings, kv, runner, device
     eng.hierarchy, eng.default_algorithm, eng.max_context = True, "quest", max_context
     eng.scheduler = Scheduler(settings.engine, kv)
+    eng.scheduler.fence = eng._fence
     eng.eos_ids = set()
     eng._requests, eng._req_slot, eng._free_req_slots = {}, {}, []
     eng._decode_steps = eng._num_preemptions = 0

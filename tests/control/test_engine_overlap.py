@@ -33,8 +33,20 @@ def reference(engine_dir):
     return [eng.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
 
 
-def _engine(engine_dir) -> LLMEngine:
-    return LLMEngine.from_engine_dir(engine_dir, device="cpu")
+def _engine(engine_dir, **kw) -> LLMEngine:
+    """An engine whose kv.free fails if a launch still in flight (not waited for) decodes the
+    request: on a GPU its kernels read the host-slot tables that the free rewrites."""
+    eng = LLMEngine.from_engine_dir(engine_dir, device="cpu", **kw)
+    free = eng.kv.free
+
+    def guarded_free(request_id: str) -> None:
+        launch = eng._inflight
+        if launch is not None and not launch.done:
+            assert all(r.request_id != request_id for r in launch.rows), "freed in flight"
+        free(request_id)
+
+    eng.kv.free = guarded_free
+    return eng
 
 
 def _run(eng: LLMEngine, params: list[SamplingParams]) -> dict[str, list]:
@@ -106,10 +118,12 @@ def test_length_finish_frees_pages_at_launch(engine_dir, reference):
     eng.add_request("long", PROMPTS[1], GREEDY)
     outs = eng.step() + eng.step()  # token 1 of each (prefill); token 2 launched
     assert eng.kv.holds("short")
-    outs += eng.step()  # token 3 (short's last) launched: its pages go now; token 2 read
-    assert not eng.kv.holds("short") and eng.kv.holds("long")
+    outs += eng.step()  # token 3 (short's last) launched; token 2 read
+    # out of the scheduler at once, its pages kept until the launch is read back
+    assert eng._requests["short"] not in eng.scheduler.running and eng.kv.holds("short")
     assert "short" in eng._requests  # its last token is still on the device
     outs += eng.step()
+    assert not eng.kv.holds("short") and eng.kv.holds("long")
     short = [o for o in outs if o.request_id == "short"]
     assert [o.new_token_ids[0] for o in short] == reference[0][:3]
     assert short[-1].finish_reason == "length" and short[-1].finished
@@ -135,5 +149,27 @@ def test_abort_with_a_token_in_flight(engine_dir, reference):
             after[o.request_id] += o.new_token_ids
     for rid, ref in (("r0", reference[0]), ("r2", reference[2])):
         assert after[rid] == ref[before.count(rid) :]
+    eng.check_integrity()
+    assert eng.kv.free_pages == eng.kv.capacity_pages
+
+
+def test_preemption_waits_for_the_launch_in_flight(engine_dir, reference, monkeypatch):
+    """A pool too small for every request: the scheduler preempts (freeing pages) only after
+    waiting for the launch in flight; tokens still equal the one-at-a-time reference."""
+    waits = []
+    wait = InFlight.wait
+
+    def logged_wait(self):
+        waits.append(self.done)
+        wait(self)
+
+    monkeypatch.setattr(InFlight, "wait", logged_wait)
+    eng = _engine(engine_dir, **{"cache.kv_cache_tokens": 32})  # 4 pages of 8 tokens
+    got = _run(eng, [GREEDY] * 3)
+    assert eng.stats()["num_preemptions"] > 0
+    assert {r: [t for o in outs for t in o.new_token_ids] for r, outs in got.items()} == {
+        f"r{i}": ref for i, ref in enumerate(reference)
+    }
+    assert waits  # fences and reads
     eng.check_integrity()
     assert eng.kv.free_pages == eng.kv.capacity_pages
