@@ -255,6 +255,9 @@ def test_engine_rebalances_buffers_from_hit_rates(engines):
     rows = eng.kv.hierarchy.row_stats.tolist()
     assert rows[held.row][0] > rows[held.row][1] > 0  # lookups > hits > 0, counted per row
     eng.abort("r")
+    assert eng.kv.holds("r")  # its last launch is in flight: freed once read back
+    while eng.has_unfinished():
+        eng.step()
     _all_free(eng)
 
 
