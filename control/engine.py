@@ -26,9 +26,13 @@ from spinserve.runtime.sampling import SamplerState, SamplingParams, sample, sam
 from spinserve.runtime.sparse import SparseParams
 from spinserve.runtime.transfer import HostCopy, to_device
 
+from . import offline
+from .admission import RequestError, check_prompt
 from .hier_kv_manager import HierarchicalKVManager, manager_for_runner, mandatory_pages
+from .index_rows import IndexRows
 from .inflight import InFlight
 from .kv_manager import BatchItem, PagedKVManager
+from .offline import GenerationOutput
 from .request import PENDING, FinishReason, Request, RequestStatus
 from .scheduler import Scheduler
 from .stream_detokenizer import IncrementalDetokenizer
@@ -42,10 +46,6 @@ _DTYPES = {
 }
 
 
-class RequestError(ValueError):
-    """A request the engine refuses (too long, duplicate id, bad parameters)."""
-
-
 @dataclass
 class RequestOutput:
     request_id: str
@@ -54,14 +54,6 @@ class RequestOutput:
     finish_reason: str | None = None
     output_text: str | None = None  # full text once finished (stop strings cut off)
     num_prompt_tokens: int = 0
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_token_ids: list[int]
 
 
 def _num_slots(manifest: Manifest, settings: Settings, device: str, dtype, page_size: int) -> int:
@@ -102,10 +94,6 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, weights, self.page_size, num_slots, max_requests, sparse)
         self.default_algorithm = settings.sparse.algorithm
         self.algorithm_for(self.default_algorithm)  # unknown name / wrong page size: fail now
-        # request rows of the sparse index states; a request holds one from the end of its
-        # prefill until it finishes or is preempted
-        self._free_req_slots = list(range(max_requests - 1, -1, -1))
-        self._req_slot: dict[str, int] = {}
         # hierarchy: sparse requests keep their working set in HBM, every page in the host pool
         self.hierarchy = settings.cache.hierarchy
         self.kv: PagedKVManager | HierarchicalKVManager
@@ -115,6 +103,7 @@ class LLMEngine:
             )
         else:
             self.kv = PagedKVManager(cfg.num_layers, cfg.num_kv_heads, self.page_size, num_slots)
+        self.index_rows = IndexRows(self.runner, self.kv, self.hierarchy, max_requests)
         if self.device == "cuda" and settings.engine.cuda_graphs:
             self.runner.capture_decode_graphs(max_requests, self.max_context)
             sparse_graphs = self.sparse_graph_spec()
@@ -156,29 +145,9 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        if not prompt_ids:
-            raise RequestError("the prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.max_context:
-            raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the engine's max context of "
-                f"{self.max_context} tokens (prompt + at least one generated token): shorten it"
-            )
-        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise RequestError(f"token ids {bad[:4]} are outside the vocabulary")
-        if self.kv.pages_for(len(prompt_ids) + 1) > self.kv.capacity_pages and self.hierarchy:
-            raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens does not fit: its prefill is HBM-resident "
-                f"and every page has a host copy, and the pools hold "
-                f"{self.kv.capacity_pages * self.page_size} tokens: raise cache.kv_cache_tokens"
-                " / cache.host_pool_tokens or shorten the prompt"
-            )
-        if self.kv.pages_for(len(prompt_ids) + 1) > self.kv.capacity_pages:
-            raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens needs more KV pages than the whole pool "
-                f"holds ({self.kv.capacity_pages * self.page_size} tokens): raise "
-                "cache.kv_cache_tokens or shorten the prompt"
-            )
+        check_prompt(
+            prompt_ids, self.max_context, self.model_config.vocab_size, self.kv, self.hierarchy
+        )
         self.algorithm_for(params.sparse_algorithm or self.default_algorithm)
         sampler = SamplerState.create(params, torch.device(self.device))
         req = Request(request_id, list(prompt_ids), params, sampler, next(self._arrival))
@@ -208,26 +177,15 @@ class LLMEngine:
         return mandatory_pages(self.runner.sparse_params, budget, self.page_size)
 
     def _release_index(self, req: Request) -> None:
-        slot = self._req_slot.pop(req.request_id, None)
-        if slot is not None:
-            self.runner.release(self._algorithm(req), slot)
-            if not self.hierarchy:  # with hierarchy the slot is the request's directory row
-                self._free_req_slots.append(slot)
+        self.index_rows.release(req, self._algorithm(req))
 
     def _index_prefill(self, req: Request) -> None:
         """A request finished its prefill: index its keys for its sparse algorithm."""
         algorithm = self._algorithm(req)
-        if algorithm == DENSE:
-            return
-        slot = self._req_slot.get(req.request_id)
-        if slot is None:
-            free = self._free_req_slots
-            slot = self.kv.request_slot(req.request_id) if self.hierarchy else free.pop()
-            self._req_slot[req.request_id] = slot
-        table = to_device(self.kv.request_table(req.request_id), torch.int32, self.device)
-        self.runner.index_prefill(algorithm, slot, table, req.num_cached_tokens)
-        if self.hierarchy:  # offload the prefill, keep the working set
-            self.kv.finish_prefill(req.request_id, req.num_cached_tokens)
+        if algorithm != DENSE:
+            self.index_rows.index_prefill(req, algorithm, self.device)
+            if self.hierarchy:  # offload the prefill, keep the working set
+                self.kv.finish_prefill(req.request_id, req.num_cached_tokens)
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
@@ -390,7 +348,7 @@ class LLMEngine:
             layers = self.kv.config.dense_layers if self.hierarchy else None
             batch.sparse = SparseDecode(
                 algorithm=algorithm,
-                req_slots=self._tensor([self._req_slot[r.request_id] for r in reqs]),
+                req_slots=self._tensor([self.index_rows.of[r.request_id] for r in reqs]),
                 seq_lens=self._tensor([r.num_tokens for r in reqs]),
                 page_table=to_device(self.kv.batch_table(ids, layers), torch.int32, self.device),
                 budget_tokens=self._tensor(budgets),
@@ -464,38 +422,13 @@ class LLMEngine:
 
     # ---- offline --------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            messages = [{"role": "user", "content": prompt}]
-            return list(
-                self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
-        return self.tokenizer.encode(prompt)
+        return offline.encode(self.tokenizer, prompt, chat)
 
     def generate(
         self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[GenerationOutput]:
-        params = params or SamplingParams()
-        base = next(self._arrival)
-        ids = [p if isinstance(p, list) else self.encode(p) for p in prompts]
-        rids = [f"generate-{base}-{i}" for i in range(len(ids))]
-        for rid, p in zip(rids, ids):
-            self.add_request(rid, p, params)
-        results: dict[str, RequestOutput] = {}
-        tokens: dict[str, list[int]] = {rid: [] for rid in rids}
-        while any(rid not in results for rid in rids):
-            for out in self.step():
-                if out.request_id in tokens:
-                    tokens[out.request_id] += out.new_token_ids
-                    if out.finished:
-                        results[out.request_id] = out
-        return [
-            GenerationOutput(
-                results[r].output_text or "", tokens[r], results[r].finish_reason or "", p
-            )
-            for r, p in zip(rids, ids)
-        ]
+        """Run prompts (text or token ids) to completion; results in prompt order."""
+        return offline.generate(self, prompts, params or SamplingParams())
 
 
 __all__ = ["EngineError", "GenerationOutput", "LLMEngine", "RequestError", "RequestOutput"]

@@ -46,6 +46,7 @@ from spinserve.configs.settings import CacheSettings, EngineSettings, Settings, 
 from spinserve.control.engine import REBALANCE_STEPS, LLMEngine
 from spinserve.control.hier_kv_manager import HierarchicalKVManager, HierarchyConfig
 from spinserve.control.host_pool import HostPagePool
+from spinserve.control.index_rows import IndexRows
 from spinserve.control.request import Request, RequestStatus
 from spinserve.control.scheduler import Scheduler
 from spinserve.perf.bench_metadata import _host_info, _stats
@@ -81,7 +82,8 @@ def bare_engine(settings: Settings, kv, runner, device: str, max_context: int) -
     eng.scheduler = Scheduler(settings.engine, kv)
     eng.scheduler.fence = eng._fence
     eng.eos_ids = set()
-    eng._requests, eng._req_slot, eng._free_req_slots = {}, {}, []
+    eng._requests = {}
+    eng.index_rows = IndexRows(runner, kv, True, settings.engine.max_running_requests)
     eng._decode_steps = eng._num_preemptions = 0
     eng._inflight = eng._row_stats = None
     eng._arrival = itertools.count()
@@ -121,7 +123,7 @@ def _admit_prefilled(eng: LLMEngine, shape) -> None:
         req.num_cached_tokens, req.status = n, RequestStatus.RUNNING
         req.output_ids.append(1)
         eng.scheduler.running.append(req)
-        eng._requests[rid], eng._req_slot[rid] = req, kv.request_slot(rid)
+        eng._requests[rid], eng.index_rows.of[rid] = req, kv.request_slot(rid)
 
 
 def _timed(obj, name: str, acc: dict[str, float], key: str) -> None:

@@ -60,7 +60,7 @@ def _all_free(eng: LLMEngine) -> None:
     kv = eng.kv
     kv.check_integrity(on_device=True)
     assert kv.hbm_slots.num_used == 0 and kv.host.allocator.num_used == 0
-    assert kv.dir.segments.num_used == 0 and not eng._req_slot
+    assert kv.dir.segments.num_used == 0 and not eng.index_rows.of
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ def test_full_budget_reproduces_dense(engines, algorithm):
     outs = sparse.generate(_prompts(), SamplingParams(max_tokens=24, ignore_eos=True))
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     sparse.check_integrity()
-    assert not sparse._req_slot and len(sparse._free_req_slots) == 64
+    assert not sparse.index_rows.of and len(sparse.index_rows.free) == 64
 
 
 def test_per_request_algorithm_and_small_budget(engines):
@@ -60,7 +60,7 @@ def test_per_request_algorithm_and_small_budget(engines):
     dense_r0 = eng.generate([_prompts()[0]], params[0])[0].token_ids
     assert tokens["r0"] == dense_r0  # a dense request is unaffected by sparse neighbours
     eng.check_integrity()
-    assert not eng._req_slot
+    assert not eng.index_rows.of
 
 
 def test_unknown_algorithm_and_wrong_page_size_are_refused(engines):
