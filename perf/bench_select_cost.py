@@ -20,7 +20,7 @@ import torch
 
 from spinserve.plugins import ops
 from spinserve.runtime.sparse import SparseParams, create_algorithm
-from spinserve.runtime.sparse.static_select import candidates, select_static
+from spinserve.runtime.sparse.static_select import candidates, select_static_slots
 
 from .eval_report import device_name, git_sha
 
@@ -114,19 +114,19 @@ def bench_algorithm(name: str, a, dev, dtype, iters: int) -> dict:
 
 
 def static_select_ms(algo, state, q, k, lens, slots, table, budget: int, iters: int) -> dict:
-    """The engine's capturable path (runtime/sparse/static_select.py: the step's candidates,
-    the index update, plugins score_pages + select_pages, slot lookup), replayed as a CUDA
-    graph as the engine's sparse decode graphs run it; {} for algorithms without it."""
+    """The engine's capturable path as SparsePlanner.plan_static runs it (runtime/sparse/
+    static_select.py: the step's candidates, the index update folded into the scoring where the
+    algorithm fuses them, one select launch writing the pool slots), replayed as a CUDA graph;
+    {} for algorithms without it."""
     if not algo.capturable:
         return {}
     n = table.shape[-1]
     algo.reserve(state, n)
+    rows = table.reshape(-1, n).to(torch.int32)  # [B * KV, n]: the engine's tables are int32
 
     def run():
         cand = candidates(lens, slots, algo.num_kv_heads, algo.page_size, n)
-        algo.index_decode_static(state, k, cand)
-        sel, rows = select_static(algo, state, q, cand, budget)
-        return table.view(-1, n)[rows, sel.page_ids.long()]
+        return select_static_slots(algo, state, q, cand, budget, rows, keys=k)[1]
 
     fn = run
     if q.is_cuda:
