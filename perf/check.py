@@ -135,6 +135,7 @@ def format_rows(title: str, rows: list[dict]) -> str:
 GATE_METRICS = {  # metric -> where it comes from; all are ratios, lower is better
     "control_step_b256": "micro",
     "metadata_step_b256": "micro",
+    "hier_decode_step_b256": "micro",
     "lru_step_b256": "micro",
     "budget_resize_b256": "micro",
     "http_overhead_cpu": "http",

@@ -10,6 +10,9 @@ slower machine slows both; a slower subject moves the ratio.
                        30 layers x 3 KV heads, P = 16, contexts 1K-4K)   / ref: python+numpy loop
   metadata_step_b256   PageDirectory decode-step bookkeeping at batch 256 (Llama-3.1-8B shape,
                        32 x 8 KV heads): grow, tail pages, one flush      / ref: vectorised numpy
+  hier_decode_step_b256  LLMEngine.step() of 256 hierarchical Quest requests, no GPU work
+                       (decode_step_control: schedule, batched ensure, build_batch, graph
+                       inputs, sampling, read-back), SmolLM2 shape, ~1K tokens / ref: loop
   lru_step_b256        BucketedLRU advance + touch + select_victims, 256 rows x 512 slots
                                                                           / ref: torch CPU ops
   budget_resize_b256   resize_buffers over 256 requests            / ref: numpy on 256-arrays
@@ -190,6 +193,27 @@ def make_metadata_step(rng: np.random.Generator) -> Callable[[], None]:
     return step
 
 
+def make_hier_decode_step(rng: np.random.Generator) -> Callable[[], None]:
+    """LLMEngine.step() of 256 hierarchical Quest requests with no GPU work (perf/
+    decode_step_control.py: scheduler + batched decode ensure, batch building, graph inputs,
+    sampling, token read-back), SmolLM2 shape at ~1K tokens; a small vocabulary so that the
+    CPU argmax over the logits stays out of the measurement. rng: unused (the requests'
+    lengths are staggered deterministically)."""
+    from spinserve.configs.model import Architecture, ModelConfig
+
+    from .decode_step_control import build
+    from .decode_step_parts import Shape
+
+    cfg = ModelConfig(Architecture.LLAMA, 1024, 576, 1536, SMOL_LAYERS, 9, SMOL_KV_HEADS, 64, 8192)
+    eng = build(cfg, Shape(BATCH, 1024 - 8, 64, 1.0), "cpu", 4096)
+    eng.step()  # the first step only launches
+
+    def step() -> None:
+        eng.step()
+
+    return step
+
+
 def make_lru_step(rng: np.random.Generator) -> Callable[[], None]:
     from spinserve.runtime.lru import BucketedLRU
 
@@ -225,6 +249,7 @@ def make_budget_resize(rng: np.random.Generator) -> Callable[[], None]:
 MICRO_BENCHES = {
     "control_step_b256": (make_control_step, make_ref_loop, 5),
     "metadata_step_b256": (make_metadata_step, make_ref_vector, 5),
+    "hier_decode_step_b256": (make_hier_decode_step, make_ref_loop, 5),
     "lru_step_b256": (make_lru_step, make_ref_torch, 10),
     "budget_resize_b256": (make_budget_resize, make_ref_small, 200),
 }
