@@ -36,7 +36,7 @@ class InFlight:
     def read(self) -> list[int]:
         """The tokens on the host (waits for the launch to finish)."""
         self.wait()
-        return self.host.wait().tolist()
+        return self.host.host.tolist()
 
     def wait(self) -> None:
         """Wait for the launch to finish on the device."""

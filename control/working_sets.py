@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from spinserve.runtime.lru import PAD, BucketedLRU
-from spinserve.runtime.transfer import to_device
+from spinserve.runtime.transfer import to_device, upload
 
 from .budgets import BudgetPolicy, Observation, hit_rate, resize_buffers
 from .page_directory import NONE, PageDirectory
@@ -136,11 +136,6 @@ class WorkingSets:
         self.row_slots_cpu = grown
         self.row_slots_gpu = torch.from_numpy(grown).to(self.device, copy=True)
         self._dirty.clear()
-        cuda = self.device.type == "cuda"
-        # two pinned [max_requests * LH * W] int32 staging buffers for row uploads, used in turn
-        self._staging = [torch.empty(grown.shape, dtype=torch.int32, pin_memory=cuda) for _ in "ab"]
-        self._staging_events: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
         self._on_realloc()
 
     def start(self, held: HeldRequest, rows: np.ndarray) -> None:
@@ -326,24 +321,17 @@ class WorkingSets:
 
     def _upload(self) -> None:
         """The dirty rows' first _max_cols columns (the rest are -1 on both sides) in ONE
-        non-blocking copy from a pinned staging buffer (two, used in turn; one is reused only
-        once its previous upload has completed)."""
+        non-blocking copy through the pinned staging ring (runtime/transfer.upload)."""
         idx = np.fromiter(sorted(self._dirty), np.int64)
         cols = min(self._max_cols, self.width_cap)
         self._dirty.clear()
         self._max_cols = 0
-        turn = self._turn = 1 - self._turn
-        if self._staging_events[turn] is not None:
-            self._staging_events[turn].synchronize()  # two flushes ago: long done in practice
-        staging = self._staging[turn].view(-1)[: idx.size * self.LH * cols]
-        staging = staging.view(idx.size, self.LH, cols)
-        host = staging.numpy()
-        for j, row in enumerate(idx.tolist()):  # no temporary (a gather would make one)
-            host[j] = self.row_slots_cpu[row, :, :cols]
-        rows = staging.to(self.device, non_blocking=True)
+
+        def fill(host: np.ndarray) -> None:
+            for j, row in enumerate(idx.tolist()):  # no temporary (a gather would make one)
+                host[j] = self.row_slots_cpu[row, :, :cols]
+
+        rows = upload((idx.size, self.LH, cols), torch.int32, self.device, fill)
         self.row_slots_gpu[:, :, :cols].index_copy_(
             0, to_device(idx, torch.int64, self.device), rows
         )
-        if self.device.type == "cuda":
-            self._staging_events[turn] = torch.cuda.Event()
-            self._staging_events[turn].record()

@@ -2,13 +2,15 @@
 
 A plain `tensor.to("cuda")` from pageable memory synchronizes the stream, so a control plane
 that prepares step N+1 while step N runs on the GPU would wait for step N at every copy.
-`to_device` stages the values in a pinned ring buffer and copies non-blocking instead: a region
-of the ring is reused only once the copy that read it has run (an event per copy). Pinning a
+`upload` / `to_device` stage the values in a pinned ring buffer and copy non-blocking instead: a
+region of the ring is reused only once the copy that read it has run (an event per copy). Every
+host-to-device upload of the control plane goes through it (page tables, row slots, batches). Pinning a
 fresh tensor per copy (`tensor.pin_memory()`) measured ~0.1 ms a call on the H100 host.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -20,7 +22,7 @@ RING_BYTES = 32 << 20  # pinned staging per device; larger arrays take a pinned 
 
 
 class StagingRing:
-    """A pinned byte buffer handed out in order; `stage` returns a host view holding the values,
+    """A pinned byte buffer handed out in order; `region` returns a host view to fill and copy,
     and `copied` registers the event after the copy that reads it. A region is handed out again
     only after the events of every copy overlapping it have passed (oldest first)."""
 
@@ -31,9 +33,11 @@ class StagingRing:
         self.head = 0
         self._pending: deque[tuple[int, int, object]] = deque()  # (start, end, event), in order
 
-    def stage(self, a: np.ndarray) -> torch.Tensor | None:
-        """A host tensor over the ring with a's values (None: a is too large for the ring)."""
-        size = -(-a.nbytes // ALIGN) * ALIGN
+    def region(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A host tensor of `shape` over the next free region of the ring, for the caller to
+        fill and copy (then `copied`); None when it needs more than a quarter of the ring."""
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        size = -(-nbytes // ALIGN) * ALIGN
         if size > self.buffer.numel() // 4:
             return None
         if self.head + size > self.buffer.numel():
@@ -41,14 +45,11 @@ class StagingRing:
         start, end = self.head, self.head + size
         while self._pending and self._pending[0][0] < end and start < self._pending[0][1]:
             self._pending.popleft()[2].synchronize()
-        self.head = end
-        self._bytes[start : start + a.nbytes] = a.reshape(-1).view(np.uint8)
-        self._start = start
-        view = self.buffer[start : start + a.nbytes]
-        return view.view(torch.from_numpy(a[:0]).dtype).reshape(a.shape)
+        self.head, self._start = end, start
+        return self.buffer[start : start + nbytes].view(dtype).reshape(shape)
 
     def copied(self) -> None:
-        """The copy of the last staged region is queued: record its event."""
+        """The copy of the last region handed out is queued: record its event."""
         event = self._new_event()
         event.record()
         self._pending.append((self._start, self.head, event))
@@ -64,19 +65,41 @@ def _ring(device: torch.device) -> StagingRing:
     return _rings[index]
 
 
-def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """`values` (a numpy array or a list) as a new tensor on `device`, without a host sync."""
-    host = torch.as_tensor(np.ascontiguousarray(values), dtype=dtype)
+def upload(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    fill: Callable[[np.ndarray], None],
+) -> torch.Tensor:
+    """A new tensor of `shape` on `device` whose values `fill` writes into a host array: on
+    CUDA a region of the pinned ring (no temporary, no host sync)."""
     device = torch.device(device)
     if device.type != "cuda":
+        host = torch.empty(shape, dtype=dtype)
+        fill(host.numpy())
         return host.to(device)
     ring = _ring(device)
-    staged = ring.stage(host.numpy()) if host.numel() else None
-    if staged is None:
-        return host.pin_memory().to(device, non_blocking=True)
-    out = staged.to(device, non_blocking=True)
+    host = ring.region(shape, dtype) if math.prod(shape) else None
+    if host is None:  # empty, or too large for the ring: a pinned block of its own
+        host = torch.empty(shape, dtype=dtype, pin_memory=True)
+        fill(host.numpy())
+        return host.to(device, non_blocking=True)
+    fill(host.numpy())
+    out = host.to(device, non_blocking=True)
     ring.copied()
     return out
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`values` (a numpy array or a list) as a new tensor on `device`, without a host sync."""
+    a = np.ascontiguousarray(values)
+    if torch.device(device).type != "cuda":
+        return torch.as_tensor(a, dtype=dtype).to(device)  # no staging copy on the CPU
+
+    def fill(host: np.ndarray) -> None:
+        host[...] = a.reshape(host.shape)
+
+    return upload(a.shape, dtype, device, fill)
 
 
 class HostCopy:

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from spinserve.runtime.transfer import ALIGN, RING_BYTES, HostCopy, StagingRing, to_device
+from spinserve.runtime.transfer import (
+    ALIGN,
+    RING_BYTES,
+    HostCopy,
+    StagingRing,
+    to_device,
+    upload,
+)
 
 
 class FakeEvent:
@@ -25,6 +32,14 @@ class FakeEvent:
         FakeEvent.log.append(self.id)
 
 
+def stage(ring: StagingRing, x: np.ndarray) -> torch.Tensor:
+    """x's values in the ring's next region, its copy registered (as upload does)."""
+    v = ring.region(x.shape, torch.from_numpy(x).dtype)
+    v.numpy()[...] = x
+    ring.copied()
+    return v
+
+
 def test_ring_reuses_a_region_only_after_its_copy_and_keeps_values():
     FakeEvent.log, FakeEvent.count = [], 0
     ring = StagingRing(16 * ALIGN, False, FakeEvent)  # 16 blocks, arrays up to 4 staged
@@ -34,32 +49,29 @@ def test_ring_reuses_a_region_only_after_its_copy_and_keeps_values():
         rng.integers(-(2**40), 2**40, 64, dtype=np.int64),  # 512 B: blocks 1-2
         rng.integers(0, 1000, ALIGN // 4, dtype=np.int32),  # 256 B: block 3
     ]
-    views = []
-    for x in arrays:
-        v = ring.stage(x)
-        ring.copied()
-        views.append(v)
+    views = [stage(ring, x) for x in arrays]
+    for v, x in zip(views, arrays):
         assert v.dtype == torch.from_numpy(x).dtype and v.shape == x.shape
         np.testing.assert_array_equal(v.numpy(), x)
     for _ in range(3):  # blocks 4-7, 8-11, 12-15: the ring is full, nothing waited for
-        ring.stage(rng.integers(0, 9, ALIGN, dtype=np.int32))
-        ring.copied()
+        stage(ring, rng.integers(0, 9, ALIGN, dtype=np.int32))
     assert FakeEvent.log == [] and ring.head == 16 * ALIGN
     # 2 blocks: wrap to 0, wait for the copies of blocks 0 and 1-2 (events 1, 2) only
     x = rng.integers(0, 9, 2 * ALIGN // 4, dtype=np.int32)
-    v = ring.stage(x)
-    ring.copied()
+    v = stage(ring, x)
     assert FakeEvent.log == [1, 2] and ring.head == 2 * ALIGN
     np.testing.assert_array_equal(v.numpy(), x)
     np.testing.assert_array_equal(views[2].numpy(), arrays[2])  # block 3 untouched
-    ring.stage(np.zeros(2 * ALIGN, np.int8))  # blocks 2-3: event 3 (block 3) now
+    ring.region((2 * ALIGN,), torch.int8)  # blocks 2-3: event 3 (block 3) now
     assert FakeEvent.log == [1, 2, 3]
-    assert ring.stage(np.zeros(4 * ALIGN + 1, np.uint8)) is None  # over a quarter: not staged
+    assert ring.region((4 * ALIGN + 1,), torch.uint8) is None  # over a quarter: not staged
 
 
-def test_to_device_and_host_copy_on_cpu():
+def test_to_device_upload_and_host_copy_on_cpu():
     out = to_device([3, 1, 2], torch.int32, "cpu")
     assert out.dtype == torch.int32 and out.tolist() == [3, 1, 2]
+    filled = upload((2, 3), torch.int64, "cpu", lambda h: h.__setitem__(..., [[1, 2, 3]]))
+    assert filled.dtype == torch.int64 and filled.tolist() == [[1, 2, 3], [1, 2, 3]]
     src = torch.arange(5)
     snap = HostCopy(src)
     src.zero_()
